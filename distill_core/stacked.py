@@ -20,12 +20,13 @@ BatchNorm networks train in train mode with per-network running statistics
 
 Where it pays: GPUs, where one network's small synthetic-set batches leave the
 device idle between kernel launches. On CPU it is measured SLOWER than one
-network at a time (benchmarks/methods.py, `evaluation_speedup` ~0.4 on this
-2-core machine): functorch's batching rules turn the GroupNorm backward into
-decomposed elementwise ops and stacked convolutions into grouped ones, and
-the M-fold working set no longer fits in cache, while a single network at
-batch 100-256 already keeps one core busy. `distill_core.evaluation` keeps
-its one-at-a-time loop; call `train_stacked` where a GPU is available.
+network at a time (benchmarks/methods.py, `evaluation_vmap_speedup` 0.65 for
+4 x ConvNet-128 on this 2-core machine): functorch's batching rules turn the
+GroupNorm backward into decomposed elementwise ops and stacked convolutions
+into grouped ones, while a single network already keeps one core busy.
+`distill_core.evaluation` trains one network at a time on CPU and the folded
+grouped network (`distill_core.grouped`) on CUDA; this module is the
+reference stacking form the benchmark compares against.
 """
 
 from __future__ import annotations

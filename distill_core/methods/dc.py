@@ -24,20 +24,26 @@ gradient to (out, -1) and sum 1 - cos over output nodes; 1-d parameters
 40 -> (40, 15), 50 -> (50, 10); any other IPC takes the nearest of these (ties
 to the smaller IPC), and `cfg.extra["outer_loop"/"inner_loop"]` override.
 
-Batching across classes. Upstream runs one forward/backward per class. Here the
-default path puts every class through the network as ONE batch (class-major,
-padded to equal size with zero-weight samples): a single backward gives each
-Conv2d/Linear layer's output gradient for all samples, and the per-class weight
-gradient is then a reduction of (layer input, output gradient) pairs within each
-class -- one `bmm` for Linear layers, a grouped convolution (CUDA) or a
-per-class `convolution_backward` call (CPU, the fastest there) for Conv2d. This
-is exact because every network in the registry processes samples independently
-(instance norm, or BatchNorm frozen in eval mode as upstream does during
-matching). `per_class_loop=True` runs upstream's per-class form instead (same
-data, same augmentation, same math); `benchmarks/methods.py` checks that both
-agree. `per_class_loop=None` (the default) picks the batched path on CUDA and
-the per-class loop on CPU, where measured per-class batches stay in cache and
-run faster than one large batch (see the benchmark's `matching_speedup`).
+How the matching is computed (`GradientMatcher`, cfg.extra["matching"]):
+- "batched" puts every class through the network as ONE batch (class-major,
+  padded to equal size with zero-weight samples): a single backward gives each
+  Conv2d/Linear layer's output gradient for all samples, and the per-class
+  weight gradient is then a reduction of (layer input, output gradient) pairs
+  within each class -- one `bmm` for Linear layers, a grouped convolution
+  (CUDA) or a per-class `convolution_backward` call (CPU) for Conv2d. The
+  default on CUDA, where large batches are what keeps the device busy.
+- "tiled" computes each class's real gradient over tiles of at most
+  `matching_tile` (16) samples, summed, and the synthetic gradients per class.
+  The default on CPU: a tile's activations stay in cache, where a whole class
+  (let alone all classes) streams the memory-bound norm/activation/pool passes
+  from DRAM; on long CPU runs the real-side forward/backward is also compiled
+  (torch.compile fuses those passes; cfg.extra["compile_matching"]). The
+  inner loop's training steps are tiled and compiled the same way.
+- "loop" is upstream's form: one forward/backward per class.
+All three are exact: every network in the registry processes samples
+independently here (instance norm, or BatchNorm frozen in eval mode as
+upstream does during matching), so they differ only in float summation order.
+`benchmarks/methods.py` times them against each other and checks they agree.
 
 Deviations from upstream, all deliberate:
 - Randomness comes from one seeded generator (upstream seeds from the clock).
@@ -60,9 +66,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill_core.augment import SiameseAugment
+from distill_core.compiled import MaybeCompiled, compile_wanted
 from distill_core.methods.base import (DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet, init_synthetic,
                                        log_iteration)
 from distill_core.networks import build_network
+from distill_core.tiling import batch_loss_backward, default_tile
 
 # upstream `get_loops`: IPC -> (outer_loop, inner_loop)
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -164,7 +172,7 @@ def _matched_layers(net: nn.Module) -> list[nn.Module]:
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     covered = {id(m.weight) for m in layers}
     if any(id(p) not in covered for p in matched_parameters(net)):
-        raise NotImplementedError("batched matching supports Conv2d/Linear weights only; use per_class_loop=True")
+        raise NotImplementedError("batched matching supports Conv2d/Linear weights only; use matching mode 'tiled' or 'loop'")
     return layers
 
 
@@ -232,12 +240,71 @@ def per_class_gradients(net: nn.Module, batch: ClassBatch, create_graph: bool = 
     return [grads[m] for m in layers if m in grads]
 
 
-def matching_loss(net: nn.Module, real: ClassBatch, syn: ClassBatch, per_class_loop: bool = False) -> torch.Tensor:
+def weighted_ce(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (F.cross_entropy(net(images), labels, reduction="none") * weights).sum()
+
+
+def padded_blocks(batch: ClassBatch, per_class: int) -> ClassBatch:
+    """The same batch with every class block padded (zero weight) to `per_class` samples."""
+    k, m = batch.num_classes, batch.per_class
+    if per_class == m:
+        return batch
+    index = torch.arange(k * m, device=batch.images.device).view(k, m)
+    index = torch.cat([index, index[:, :1].expand(k, per_class - m)], 1).flatten()
+    weights = torch.cat([batch.weights.view(k, m), batch.weights.new_zeros(k, per_class - m)], 1).flatten()
+    return ClassBatch(batch.images[index], batch.labels[index], weights, batch.counts)
+
+
+def tiled_class_gradients(net: nn.Module, batch: ClassBatch, params: list[nn.Parameter], tile: int,
+                          real_loss=weighted_ce) -> list[torch.Tensor]:
+    """Each class's gradient (no graph) as a list of (K, *param.shape), summed over tiles of <= `tile` samples.
+
+    Class blocks are cut into equal tiles (padded with zero-weight samples) so
+    a compiled `real_loss` sees one input shape; tiles holding only padding are
+    skipped.
+    """
+    m = batch.per_class
+    n_tiles = -(-m // tile)
+    size = -(-m // n_tiles)
+    batch = padded_blocks(batch, n_tiles * size)
+    grads = [p.new_zeros((batch.num_classes, *p.shape)) for p in params]
+    for c, count in enumerate(batch.counts):
+        for t in range(-(-count // size)):
+            s = c * batch.per_class + t * size
+            loss = real_loss(net, batch.images[s:s + size], batch.labels[s:s + size], batch.weights[s:s + size])
+            for acc, g in zip(grads, torch.autograd.grad(loss, params)):
+                acc[c] += g
+    return grads
+
+
+def looped_class_gradients(net: nn.Module, batch: ClassBatch, params: list[nn.Parameter],
+                           create_graph: bool = False) -> list[torch.Tensor]:
+    """Each class's gradient of its mean CE, one forward/backward per class: a list of (K, *param.shape)."""
+    per_class = []
+    for c in range(batch.num_classes):
+        x, y = batch.block(c)
+        per_class.append(torch.autograd.grad(F.cross_entropy(net(x), y), params, create_graph=create_graph))
+    return [torch.stack(gs) for gs in zip(*per_class)]
+
+
+MATCHING_MODES = ("batched", "tiled", "loop")
+DEFAULT_TILE = 16
+
+
+def matching_loss(net: nn.Module, real: ClassBatch, syn: ClassBatch, mode: str = "batched",
+                  tile: int = DEFAULT_TILE, real_loss=weighted_ce) -> torch.Tensor:
     """sum over classes and layers of the per-output-node cosine distance (differentiable in syn.images)."""
-    if per_class_loop:
+    if mode == "batched":
+        g_real = per_class_gradients(net, real, create_graph=False)
+        g_syn = per_class_gradients(net, syn, create_graph=True)
+    elif mode == "tiled":
+        params = matched_parameters(net)
+        g_real = tiled_class_gradients(net, real, params, tile, real_loss)
+        g_syn = looped_class_gradients(net, syn, params, create_graph=True)
+    elif mode == "loop":
         return _matching_loss_loop(net, real, syn)
-    g_real = per_class_gradients(net, real, create_graph=False)
-    g_syn = per_class_gradients(net, syn, create_graph=True)
+    else:
+        raise ValueError(f"unknown matching mode '{mode}' (one of {', '.join(MATCHING_MODES)})")
     loss = syn.images.new_zeros(())
     for gr, gs in zip(g_real, g_syn):
         k, out = gr.shape[:2]
@@ -246,7 +313,7 @@ def matching_loss(net: nn.Module, real: ClassBatch, syn: ClassBatch, per_class_l
 
 
 def _matching_loss_loop(net: nn.Module, real: ClassBatch, syn: ClassBatch) -> torch.Tensor:
-    """Upstream's form: one forward/backward per class."""
+    """Upstream's form: one forward/backward per class, distances summed layer by layer."""
     params = matched_parameters(net)
     loss = syn.images.new_zeros(())
     for c in range(real.num_classes):
@@ -257,6 +324,30 @@ def _matching_loss_loop(net: nn.Module, real: ClassBatch, syn: ClassBatch) -> to
         for gr, gs in zip(g_real, g_syn):
             loss = loss + layer_distance(gr.detach(), gs)
     return loss
+
+
+class GradientMatcher:
+    """`matching_loss` with the mode, tile and (optionally compiled) real-side loss chosen once per run."""
+
+    COMPILE_MIN_STEPS = 500  # outer steps (iterations x outer_loop) before compiling pays on CPU
+
+    def __init__(self, mode: str = "batched", tile: int = DEFAULT_TILE, compile: bool = False):
+        if mode not in MATCHING_MODES:
+            raise ValueError(f"unknown matching mode '{mode}' (one of {', '.join(MATCHING_MODES)})")
+        self.mode, self.tile = mode, tile
+        # fixed tile shapes: dynamic=False compiles exactly the shape every tile has
+        self.real_loss = MaybeCompiled(weighted_ce, compile and mode == "tiled", dynamic=False)
+
+    @classmethod
+    def for_run(cls, cfg: DistillConfig, device: torch.device, outer_loop: int) -> "GradientMatcher":
+        """The fastest measured form for the device: batched on CUDA, tiled on CPU (see module docstring)."""
+        mode = cfg.extra.get("matching") or ("batched" if device.type == "cuda" else "tiled")
+        compile = compile_wanted(cfg.extra.get("compile_matching", "auto"), device,
+                                 cfg.iterations * outer_loop, cls.COMPILE_MIN_STEPS)
+        return cls(mode, int(cfg.extra.get("matching_tile", DEFAULT_TILE)), compile)
+
+    def __call__(self, net: nn.Module, real: ClassBatch, syn: ClassBatch) -> torch.Tensor:
+        return matching_loss(net, real, syn, self.mode, self.tile, self.real_loss)
 
 
 # --- network handling ---------------------------------------------------------------------------
@@ -279,9 +370,15 @@ def freeze_batchnorm(net: nn.Module, real: RealData, generator: torch.Generator)
 
 def train_on_synthetic(net: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                        epochs: int, batch_size: int, augment: SiameseAugment | None,
-                       generator: torch.Generator) -> None:
-    """Upstream's inner loop: `epochs` passes of plain SGD over the (detached) synthetic set."""
+                       generator: torch.Generator, ce=None) -> None:
+    """Upstream's inner loop: `epochs` passes of plain SGD over the (detached) synthetic set.
+
+    Steps run in cache-sized tiles on CPU (distill_core.tiling); `ce(net, x, y, reduction)`
+    is the (optionally compiled) loss.
+    """
+    ce = ce or _batch_ce
     net.train()
+    tile = default_tile(net, images.device)
     n = len(labels)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator).to(images.device)
@@ -291,17 +388,19 @@ def train_on_synthetic(net: nn.Module, opt: torch.optim.Optimizer, images: torch
             if augment is not None:  # per-sample parameters, as upstream's non-siamese DiffAugment
                 seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
                 x = augment(x, seed, torch.arange(len(idx), device=x.device), len(idx))
-            loss = F.cross_entropy(net(x), labels[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss_backward(lambda xb, yb, reduction: ce(net, xb, yb, reduction), x, labels[idx], tile)
             opt.step()
+
+
+def _batch_ce(net: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(net(x), y, reduction=reduction)
 
 
 # --- the method ---------------------------------------------------------------------------------
 
 def gradient_matching(real: RealData, cfg: DistillConfig, augment: SiameseAugment | None,
-                      guidance: Guidance | None = None, progress: ProgressFn | None = None,
-                      per_class_loop: bool | None = None) -> SyntheticSet:
+                      guidance: Guidance | None = None, progress: ProgressFn | None = None) -> SyntheticSet:
     """The DC/DSA loop. `augment` None is DC; a SiameseAugment is DSA."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # network initialisations
@@ -312,8 +411,9 @@ def gradient_matching(real: RealData, cfg: DistillConfig, augment: SiameseAugmen
     outer_loop = int(cfg.extra.get("outer_loop", outer_loop))
     inner_loop = int(cfg.extra.get("inner_loop", inner_loop))
     batch_train = int(cfg.extra.get("batch_train", BATCH_TRAIN))
-    if per_class_loop is None:
-        per_class_loop = bool(cfg.extra.get("per_class_loop", real.device.type == "cpu"))
+    matcher = GradientMatcher.for_run(cfg, real.device, outer_loop)
+    # the inner loop's steps compile with the matching (one decision per run: long CPU runs)
+    inner_ce = MaybeCompiled(_batch_ce, matcher.real_loss.compiled, dynamic=False)
     channels, size = real.shape[0], real.shape[-1]
     k = real.num_classes
 
@@ -330,7 +430,7 @@ def gradient_matching(real: RealData, cfg: DistillConfig, augment: SiameseAugmen
                 seed = int(torch.randint(2**31 - 1, (1,), generator=g))
                 real_batch = real_batch.with_images(augment(real_batch.images, seed, real_batch.labels, k))
                 syn_batch = syn_batch.with_images(augment(x_syn, seed, syn.labels, k))
-            loss = matching_loss(net, real_batch, syn_batch, per_class_loop)
+            loss = matcher(net, real_batch, syn_batch)
             totals["loss_gm"] += loss.item() / outer_loop
             if guidance is not None:
                 ptm_loss = guidance.loss(x_syn, syn.labels, g)
@@ -341,7 +441,8 @@ def gradient_matching(real: RealData, cfg: DistillConfig, augment: SiameseAugmen
             opt_img.step()
             if ol == outer_loop - 1:
                 break
-            train_on_synthetic(net, opt_net, x_syn.detach(), syn.labels, inner_loop, batch_train, augment, g)
+            train_on_synthetic(net, opt_net, x_syn.detach(), syn.labels, inner_loop, batch_train, augment, g,
+                               inner_ce)
         record = {"loss_gm": totals["loss_gm"]}
         if guidance is not None:
             record["loss_ptm"] = totals["loss_ptm"]
@@ -352,12 +453,12 @@ def gradient_matching(real: RealData, cfg: DistillConfig, augment: SiameseAugmen
 
 
 def distill_dc(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-               progress: ProgressFn | None = None, per_class_loop: bool | None = None) -> SyntheticSet:
+               progress: ProgressFn | None = None) -> SyntheticSet:
     """DC: gradient matching without augmentation (cfg.dsa is ignored)."""
-    return gradient_matching(real, cfg, None, guidance, progress, per_class_loop)
+    return gradient_matching(real, cfg, None, guidance, progress)
 
 
 def distill_dsa(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-                progress: ProgressFn | None = None, per_class_loop: bool | None = None) -> SyntheticSet:
+                progress: ProgressFn | None = None) -> SyntheticSet:
     """DSA: gradient matching with siamese augmentation (cfg.dsa_strategy; cfg.dsa is ignored)."""
-    return gradient_matching(real, cfg, SiameseAugment(cfg.dsa_strategy), guidance, progress, per_class_loop)
+    return gradient_matching(real, cfg, SiameseAugment(cfg.dsa_strategy), guidance, progress)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from distill_core.augment import SiameseAugment
+from distill_core.compiled import MaybeCompiled, compile_wanted
 from distill_core.methods.base import (DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet, init_synthetic,
                                        log_iteration)
 from distill_core.networks import build_network
@@ -35,34 +36,25 @@ def embed_no_grad(net, x: torch.Tensor) -> torch.Tensor:
 
 
 class RealEmbedder:
-    """The real-batch embedding, optionally through torch.compile.
+    """The real-batch embedding, optionally through torch.compile (distill_core.compiled).
 
     CPU lever measured by benchmarks/methods.py (part c): torch.compile runs
     this forward (ConvNet-128, 2560 images) about 2x faster than eager on CPU
     (it fuses norm, activation and pooling); outputs agree to ~1e-5 relative.
-    Fresh networks of one architecture reuse the compiled graph, but the first
-    call costs ~10-20 s, so "auto" compiles only for long CPU runs
-    (>= COMPILE_MIN_ITERATIONS); cfg.extra["compile_embed"] = True/False forces
-    it. channels_last was measured slower on CPU and is not used. If
-    compilation fails (e.g. no C++ toolchain), it falls back to eager.
+    The first call costs ~10-20 s, so "auto" compiles only CPU runs of at least
+    COMPILE_MIN_ITERATIONS; cfg.extra["compile_embed"] = True/False forces it.
+    channels_last was measured slower on CPU and is not used.
     """
 
     COMPILE_MIN_ITERATIONS = 1000
 
     def __init__(self, cfg: DistillConfig, device: torch.device):
-        use = cfg.extra.get("compile_embed", "auto")
-        if use == "auto":
-            use = device.type == "cpu" and cfg.iterations >= self.COMPILE_MIN_ITERATIONS
-        self.fn = torch.compile(embed_no_grad) if use else embed_no_grad
+        use = compile_wanted(cfg.extra.get("compile_embed", "auto"), device, cfg.iterations,
+                             self.COMPILE_MIN_ITERATIONS)
+        self.fn = MaybeCompiled(embed_no_grad, use)
 
     def __call__(self, net, x: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.fn(net, x)
-        except Exception:
-            if self.fn is embed_no_grad:
-                raise
-            self.fn = embed_no_grad  # compiler unavailable here: eager gives the same result
-            return self.fn(net, x)
+        return self.fn(net, x)
 
 
 def dm_loss(net, x_real, y_real, x_syn, y_syn, num_classes: int, embed_real=embed_no_grad) -> torch.Tensor:

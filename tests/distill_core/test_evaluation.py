@@ -100,3 +100,63 @@ def test_folded_evaluation_equals_one_at_a_time():
             assert a["epoch"] == b["epoch"]
             assert abs(a["acc"] - b["acc"]) <= 1 / len(sets.test[1])
             assert abs(a["val_acc"] - b["val_acc"]) <= 1 / len(sets.val[1])
+
+
+def test_tiled_steps_equal_whole_batch_steps():
+    """Tiling a batch (summed gradients) trains the same network; BatchNorm networks are never tiled."""
+    from distill_core.evaluation import EvalSets, step_tile, train_and_evaluate, train_and_evaluate_folded
+    from distill_core.methods.base import DistillConfig, init_synthetic
+
+    torch.set_num_threads(1)
+    ds = build_biased_dataset(load_source("digits"), "colored", 0.1, 1)
+    real = RealData.from_dataset(ds)
+    syn = init_synthetic(real, DistillConfig(ipc=5, iterations=0, lr_img=0.0), torch.Generator().manual_seed(0))
+    sets = EvalSets.from_dataset(ds, syn.norm, "cpu")
+    base = dict(arch="convnet", arch_options={"width": 8}, epochs=6, checkpoints=3, dsa=True)
+    whole = train_and_evaluate(syn, sets, EvalConfig(**base, tile=0), 0)
+    for tile in (7, 16):  # 7 leaves a ragged last tile of the 50-image batch
+        tiled = train_and_evaluate(syn, sets, EvalConfig(**base, tile=tile), 0)
+        assert tiled["epoch"] == whole["epoch"]
+        assert abs(tiled["acc"] - whole["acc"]) <= 1 / len(sets.test[1])
+    folded = train_and_evaluate_folded(syn, sets, EvalConfig(**base, tile=7), [0, 1])
+    assert folded[0]["epoch"] == whole["epoch"] and abs(folded[0]["acc"] - whole["acc"]) <= 1 / len(sets.test[1])
+
+    cpu = torch.device("cpu")
+    assert step_tile(EvalConfig(), build_network("convnet", 1, 10, 28, width=8), cpu) == 16
+    assert step_tile(EvalConfig(), build_network("convnet_bn", 1, 10, 28, width=8), cpu) is None
+    assert step_tile(EvalConfig(tile=0), build_network("convnet", 1, 10, 28, width=8), cpu) is None
+    assert step_tile(EvalConfig(), build_network("convnet", 1, 10, 28, width=8), torch.device("cuda")) is None
+
+
+def test_reported_metrics_are_those_of_the_best_validation_checkpoint(real, dataset):
+    """Test metrics come from the snapshot taken at the selected epoch, not the last weights."""
+    from distill_core import evaluation
+
+    syn = real_subset(real, 4)
+    cfg = EvalConfig(arch_options={"width": 8}, epochs=8, checkpoints=8, lr=1.0)  # a high lr: val wobbles
+    sets = evaluation.EvalSets.from_dataset(dataset, syn.norm, "cpu")
+    seen = {}
+    original = evaluation.snapshot
+
+    def recording_snapshot(model):
+        state = original(model)
+        seen[len(seen)] = (copy.deepcopy(model), state)
+        return state
+
+    evaluation.snapshot = recording_snapshot
+    try:
+        r = evaluation.train_and_evaluate(syn, sets, cfg, 0)
+    finally:
+        evaluation.snapshot = original
+    assert r["epoch"] < cfg.epochs  # selection picked an earlier checkpoint than the final weights
+    chosen_model, _ = seen[len(seen) - 1]  # the last snapshot taken is the best-validation one
+    assert r == {"val_acc": r["val_acc"], "epoch": r["epoch"], **evaluation.test_metrics(chosen_model, sets)}
+
+
+def test_compiled_training_steps_give_the_eager_result(real, dataset):
+    syn = real_subset(real, 3)
+    base = dict(arch_options={"width": 8}, epochs=3, checkpoints=1, tile=16)
+    eager = evaluate_synthetic(syn, dataset, EvalConfig(**base, compile=False), repeats=1)[0]
+    compiled = evaluate_synthetic(syn, dataset, EvalConfig(**base, compile=True), repeats=1)[0]
+    assert compiled["epoch"] == eager["epoch"]
+    assert abs(compiled["acc"] - eager["acc"]) <= 2 / len(dataset.test_labels)

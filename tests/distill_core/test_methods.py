@@ -57,7 +57,7 @@ def test_loops_follow_upstream_table():
 # --- DC / DSA -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["convnet", "convnet_bn", "lenet", "mlp"])
-def test_batched_matching_equals_per_class_loop(real, arch):
+def test_matching_modes_equal_per_class_loop(real, arch):
     k = real.num_classes
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -70,15 +70,35 @@ def test_batched_matching_equals_per_class_loop(real, arch):
     augment = SiameseAugment()
     real_batch = real_batch.with_images(augment(real_batch.images, 7, real_batch.labels, k))
 
-    def loss_and_grad(per_class_loop):
+    def loss_and_grad(mode, tile=dc.DEFAULT_TILE):
         syn_batch = dc.synthetic_batch(augment(x_syn, 7, y_syn, k), y_syn, k)
-        loss = dc.matching_loss(net, real_batch, syn_batch, per_class_loop)
+        loss = dc.matching_loss(net, real_batch, syn_batch, mode, tile)
         return loss, torch.autograd.grad(loss, x_syn)[0]
 
-    loss_b, grad_b = loss_and_grad(False)
-    loss_l, grad_l = loss_and_grad(True)
-    torch.testing.assert_close(loss_b, loss_l, rtol=1e-5, atol=1e-5)
-    assert float((grad_b - grad_l).norm() / grad_l.norm()) < 1e-4
+    loss_l, grad_l = loss_and_grad("loop")
+    # tile 7 does not divide the class blocks: exercises padded tiles and skipped all-padding tiles
+    for mode, tile in (("batched", 16), ("tiled", 16), ("tiled", 7), ("tiled", 1000)):
+        loss, grad = loss_and_grad(mode, tile)
+        torch.testing.assert_close(loss, loss_l, rtol=1e-5, atol=1e-5)
+        assert float((grad - grad_l).norm() / grad_l.norm()) < 1e-4, (mode, tile)
+
+
+def test_tiled_class_gradients_equal_whole_class_gradients(real):
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    net = build_network("convnet", 1, real.num_classes, 28, **WIDTH)
+    params = dc.matched_parameters(net)
+    batch = dc.sample_real_batch(real, 40, g)
+    tiled = dc.tiled_class_gradients(net, batch, params, tile=6)
+    whole = dc.looped_class_gradients(net, batch, params)
+    for t, w in zip(tiled, whole):
+        assert t.shape == (real.num_classes, *w.shape[1:])
+        torch.testing.assert_close(t, w, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_matching_mode_is_rejected():
+    with pytest.raises(ValueError, match="unknown matching mode 'fast'"):
+        dc.GradientMatcher("fast")
 
 
 def test_grouped_conv_weight_grads_equal_per_class_calls():
@@ -93,11 +113,23 @@ def test_grouped_conv_weight_grads_equal_per_class_calls():
         torch.testing.assert_close(looped.sum(0), full, rtol=1e-4, atol=1e-4)
 
 
-def test_dc_run_batched_equals_per_class_loop(real):
-    cfg = config(ipc=2, iterations=2, init="noise", extra={"outer_loop": 2, "inner_loop": 1})
-    a = dc.distill_dc(real, cfg, per_class_loop=False)
-    b = dc.distill_dc(real, cfg, per_class_loop=True)
+@pytest.mark.parametrize("mode", ["batched", "tiled"])
+def test_dc_run_equals_per_class_loop(real, mode):
+    extra = {"outer_loop": 2, "inner_loop": 1}
+    a = dc.distill_dc(real, config(ipc=2, iterations=2, init="noise", extra={**extra, "matching": mode}))
+    b = dc.distill_dc(real, config(ipc=2, iterations=2, init="noise", extra={**extra, "matching": "loop"}))
     torch.testing.assert_close(a.images, b.images, rtol=1e-4, atol=1e-5)
+
+
+def test_matcher_defaults_follow_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    short, long = config(iterations=2), config(iterations=1000)
+    assert dc.GradientMatcher.for_run(short, cpu, 1).mode == "tiled"
+    assert not dc.GradientMatcher.for_run(short, cpu, 1).real_loss.compiled
+    assert dc.GradientMatcher.for_run(long, cpu, 10).real_loss.compiled  # long CPU runs compile
+    assert dc.GradientMatcher.for_run(long, cuda, 10).mode == "batched"
+    forced = config(iterations=2, extra={"matching": "loop", "compile_matching": False})
+    assert dc.GradientMatcher.for_run(forced, cpu, 1).mode == "loop"
 
 
 def matching_objective(real, images, labels, augment=None) -> float:
@@ -250,3 +282,22 @@ def test_herding_hand_example_and_per_class_selection(real):
     assert torch.bincount(syn.labels, minlength=10).tolist() == [2] * 10
     again = get_method("herding")(real, config(ipc=2))
     assert torch.equal(syn.images, again.images)  # deterministic for a seed
+
+
+def test_compiled_tiled_matching_equals_the_loop(real):
+    """The path long CPU runs take: tiled, real side through torch.compile."""
+    k = real.num_classes
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    net = build_network("convnet", 1, k, 28, **WIDTH)
+    real_batch = dc.sample_real_batch(real, 24, g)
+    x_syn = torch.randn(2 * k, 1, 28, 28, generator=g).requires_grad_(True)
+    syn_batch = dc.synthetic_batch(x_syn, torch.arange(k).repeat_interleave(2), k)
+    compiled = dc.GradientMatcher("tiled", tile=8, compile=True)
+    loss_c = compiled(net, real_batch, syn_batch)
+    assert compiled.real_loss.compiled  # did not fall back to eager
+    loss_l = dc.GradientMatcher("loop")(net, real_batch, syn_batch)
+    torch.testing.assert_close(loss_c, loss_l, rtol=1e-4, atol=1e-5)
+    grad_c, = torch.autograd.grad(loss_c, x_syn)
+    grad_l, = torch.autograd.grad(loss_l, x_syn)
+    assert float((grad_c - grad_l).norm() / grad_l.norm()) < 1e-3

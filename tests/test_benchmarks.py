@@ -1,0 +1,31 @@
+"""The benchmarks' machine-readable interface (scripts depend on it), at smoke sizes.
+
+The figures themselves belong to the benchmark runs recorded in the README;
+here only the interface and the built-in correctness checks are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_methods_benchmark_smoke_prints_its_json_interface():
+    env = {**os.environ, "DDRAY_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "benchmarks/methods.py", "--smoke", "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("matching_speedup", "evaluation_speedup", "peak_fraction"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    # every matching mode and evaluation form agreed with upstream's form
+    assert result["matching_identical"] and result["evaluation_identical"]
+    assert set(result["matching_modes"]) == {"loop", "batched", "tiled", "tiled_compiled"}
+    assert result["budget"] == "smoke" and result["data"] == "digits"
