@@ -59,7 +59,7 @@ from distill_core.evaluation import EvalConfig, EvalSets
 from distill_core.methods import dc
 from distill_core.methods.base import DistillConfig, RealData, SyntheticSet, init_synthetic
 from distill_core.networks import build_network
-from distill_core.tiling import batch_loss_backward
+from distill_core.tiling import batch_ce, batch_loss_backward
 
 
 # sizes per budget; "smoke" only proves the script and its JSON interface work (tests run it)
@@ -245,7 +245,7 @@ def bench_evaluation(real: RealData, size: dict, peak: float) -> dict:
     net = build_network("convnet", real.shape[0], k, real.shape[-1], width=width).to(real.device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     tile = evaluation.step_tile(ecfg, net, real.device)
-    ce = MaybeCompiled(evaluation.batch_ce, protocol_compile, dynamic=False)
+    ce = MaybeCompiled(batch_ce, protocol_compile, dynamic=False)
 
     def train_step():
         opt.zero_grad(set_to_none=True)

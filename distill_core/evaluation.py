@@ -30,11 +30,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from distill_core.augment import SiameseAugment
 from distill_core.compiled import MaybeCompiled, compile_wanted
-from distill_core.tiling import batch_loss_backward, default_tile
+from distill_core.tiling import batch_ce, batch_loss_backward, default_tile
 from distill_core.data.bias import aligned_mask
 from distill_core.data.biased import NUM_ATTRIBUTES, BiasedDataset
 from distill_core.grouped import FoldedConvNet, can_fold, stacked_loss
@@ -121,10 +120,6 @@ def predict_batch(cfg: EvalConfig, device: torch.device) -> int:
     if cfg.predict_batch is not None:
         return cfg.predict_batch
     return PREDICT_BATCH_CPU if device.type == "cpu" else 1024
-
-
-def batch_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-    return F.cross_entropy(model(x), y, reduction=reduction)
 
 
 def snapshot(model: torch.nn.Module) -> dict:

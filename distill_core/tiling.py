@@ -16,10 +16,16 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 TILE_CPU = 16  # measured best of 8/16/32/64 for ConvNet-64/128 steps on this project's CPUs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]  # (x, y, reduction) -> loss
+
+
+def batch_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The training loss of one (tile of a) batch; module-level so torch.compile can cache it."""
+    return F.cross_entropy(model(x), y, reduction=reduction)
 
 
 def samples_independent(model: nn.Module) -> bool:

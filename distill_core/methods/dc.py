@@ -70,7 +70,7 @@ from distill_core.compiled import MaybeCompiled, compile_wanted
 from distill_core.methods.base import (DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet, init_synthetic,
                                        log_iteration)
 from distill_core.networks import build_network
-from distill_core.tiling import batch_loss_backward, default_tile
+from distill_core.tiling import batch_ce, batch_loss_backward, default_tile
 
 # upstream `get_loops`: IPC -> (outer_loop, inner_loop)
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -376,7 +376,7 @@ def train_on_synthetic(net: nn.Module, opt: torch.optim.Optimizer, images: torch
     Steps run in cache-sized tiles on CPU (distill_core.tiling); `ce(net, x, y, reduction)`
     is the (optionally compiled) loss.
     """
-    ce = ce or _batch_ce
+    ce = ce or batch_ce
     net.train()
     tile = default_tile(net, images.device)
     n = len(labels)
@@ -391,10 +391,6 @@ def train_on_synthetic(net: nn.Module, opt: torch.optim.Optimizer, images: torch
             opt.zero_grad(set_to_none=True)
             batch_loss_backward(lambda xb, yb, reduction: ce(net, xb, yb, reduction), x, labels[idx], tile)
             opt.step()
-
-
-def _batch_ce(net: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-    return F.cross_entropy(net(x), y, reduction=reduction)
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -413,7 +409,7 @@ def gradient_matching(real: RealData, cfg: DistillConfig, augment: SiameseAugmen
     batch_train = int(cfg.extra.get("batch_train", BATCH_TRAIN))
     matcher = GradientMatcher.for_run(cfg, real.device, outer_loop)
     # the inner loop's steps compile with the matching (one decision per run: long CPU runs)
-    inner_ce = MaybeCompiled(_batch_ce, matcher.real_loss.compiled, dynamic=False)
+    inner_ce = MaybeCompiled(batch_ce, matcher.real_loss.compiled, dynamic=False)
     channels, size = real.shape[0], real.shape[-1]
     k = real.num_classes
 
