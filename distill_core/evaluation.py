@@ -18,10 +18,10 @@ each SGD step runs its batch in cache-sized tiles of `tile` samples with the
 gradients summed (exact for networks that treat samples independently, i.e.
 without BatchNorm in train mode): the memory-bound norm/activation/pool passes
 then stay in cache, and long CPU evaluations compile the training
-forward/backward (torch.compile fuses those passes). Several repeats of a ConvNet-family architecture train at
-once as one grouped network on CUDA (`distill_core.grouped`); on CPU oneDNN's
-grouped convolutions are slower than one network at a time, so repeats run
-one after another there.
+forward/backward (torch.compile fuses those passes). Several repeats of a
+ConvNet-family architecture train at once as one grouped network on CUDA
+(`distill_core.grouped`); on CPU oneDNN's grouped convolutions are slower than
+one network at a time, so repeats run one after another there.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch
 
 from distill_core.augment import SiameseAugment
 from distill_core.compiled import MaybeCompiled, compile_wanted
-from distill_core.tiling import batch_ce, batch_loss_backward, default_tile
 from distill_core.data.bias import aligned_mask
 from distill_core.data.biased import NUM_ATTRIBUTES, BiasedDataset
 from distill_core.grouped import FoldedConvNet, can_fold, stacked_loss
 from distill_core.methods.base import SyntheticSet
 from distill_core.networks import build_network
+from distill_core.tiling import batch_ce, batch_loss_backward, default_tile
 
 
 @dataclass
