@@ -9,8 +9,9 @@ import torch
 
 from distill_core import stacked
 from distill_core.data import build_biased_dataset, load_source
-from distill_core.evaluation import EvalConfig, evaluate_synthetic
-from distill_core.methods.base import RealData, SyntheticSet
+from distill_core.evaluation import (EvalConfig, EvalSets, evaluate_synthetic, step_tile, train_and_evaluate,
+                                     train_and_evaluate_folded)
+from distill_core.methods.base import DistillConfig, RealData, SyntheticSet, init_synthetic
 from distill_core.networks import build_network
 
 
@@ -79,19 +80,23 @@ def test_stacked_predictions_match_each_network(real):
             assert torch.equal(pred[m], model.eval()(x).argmax(1))
 
 
-def test_folded_evaluation_equals_one_at_a_time():
-    """Training repeats as one grouped network gives the one-network loop's numbers."""
-    import torch
-
-    from distill_core.data import build_biased_dataset, load_source
-    from distill_core.evaluation import EvalConfig, EvalSets, train_and_evaluate, train_and_evaluate_folded
-    from distill_core.methods.base import DistillConfig, RealData, init_synthetic
-
-    torch.set_num_threads(1)
+@pytest.fixture(scope="module")
+def colored():
+    """Colored digits, as (dataset, real data, evaluation sets normalised like real)."""
     ds = build_biased_dataset(load_source("digits"), "colored", 0.1, 1)
     real = RealData.from_dataset(ds)
-    syn = init_synthetic(real, DistillConfig(ipc=3, iterations=0, lr_img=0.0), torch.Generator().manual_seed(0))
-    sets = EvalSets.from_dataset(ds, syn.norm, "cpu")
+    return ds, real, EvalSets.from_dataset(ds, real.norm, "cpu")
+
+
+def real_init(real: RealData, ipc: int) -> SyntheticSet:
+    return init_synthetic(real, DistillConfig(ipc=ipc, iterations=0, lr_img=0.0), torch.Generator().manual_seed(0))
+
+
+def test_folded_evaluation_equals_one_at_a_time(colored):
+    """Training repeats as one grouped network gives the one-network loop's numbers."""
+    torch.set_num_threads(1)
+    _, real, sets = colored
+    syn = real_init(real, 3)
     for dsa, norm in ((False, "instancenorm"), (True, "batchnorm")):
         cfg = EvalConfig(arch="convnet", arch_options={"width": 8, "norm": norm}, epochs=6, dsa=dsa, checkpoints=3)
         one = [train_and_evaluate(syn, sets, cfg, r) for r in range(3)]
@@ -102,16 +107,11 @@ def test_folded_evaluation_equals_one_at_a_time():
             assert abs(a["val_acc"] - b["val_acc"]) <= 1 / len(sets.val[1])
 
 
-def test_tiled_steps_equal_whole_batch_steps():
+def test_tiled_steps_equal_whole_batch_steps(colored):
     """Tiling a batch (summed gradients) trains the same network; BatchNorm networks are never tiled."""
-    from distill_core.evaluation import EvalSets, step_tile, train_and_evaluate, train_and_evaluate_folded
-    from distill_core.methods.base import DistillConfig, init_synthetic
-
     torch.set_num_threads(1)
-    ds = build_biased_dataset(load_source("digits"), "colored", 0.1, 1)
-    real = RealData.from_dataset(ds)
-    syn = init_synthetic(real, DistillConfig(ipc=5, iterations=0, lr_img=0.0), torch.Generator().manual_seed(0))
-    sets = EvalSets.from_dataset(ds, syn.norm, "cpu")
+    _, real, sets = colored
+    syn = real_init(real, 5)
     base = dict(arch="convnet", arch_options={"width": 8}, epochs=6, checkpoints=3, dsa=True)
     whole = train_and_evaluate(syn, sets, EvalConfig(**base, tile=0), 0)
     for tile in (7, 16):  # 7 leaves a ragged last tile of the 50-image batch
