@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from distill_core.data.colored import SEVERITY_SIGMA
 from distill_core.data.sources import GRAYSCALE_SOURCES, SOURCES
 from distill_core.methods import METHODS
+from distill_core.methods.dc import MATCHING_MODES
 from distill_core.networks import ARCH_OPTIONS, ARCHITECTURES
 from orchestrator.errors import UserError
 
@@ -200,6 +201,14 @@ class DistillationSpec(Strict):
             if v <= 0:
                 raise ValueError(f"[{i}] must be > 0")
         return values
+
+    @field_validator("extra")
+    @classmethod
+    def known_matching_mode(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        mode = extra.get("matching")
+        if mode is not None and mode not in MATCHING_MODES:
+            raise ValueError(f"distillation.extra.matching: must be one of {', '.join(MATCHING_MODES)}, got {mode!r}")
+        return extra
 
     @field_validator("methods")
     @classmethod

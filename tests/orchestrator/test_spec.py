@@ -66,6 +66,8 @@ def test_spec_hash_ignores_resources_and_tracking():
     (lambda d: d["evaluation"].update(repeats=0), "evaluation.repeats: must be >= 1"),
     (lambda d: d["evaluation"].update(architectures=[{"name": "convnet", "widht": 3}]),
      "evaluation.architectures[0].widht: unknown key (did you mean 'width'?)"),
+    (lambda d: d["distillation"].update(extra={"matching": "fast"}),
+     "distillation.extra.matching: must be one of batched, tiled, loop, got 'fast'"),
     (lambda d: d["datasets"][0].update(source="cifar10"),
      "datasets[0]: bias 'colored' needs a grayscale source (digits, fashion_mnist, mnist)"),
 ])
