@@ -21,6 +21,7 @@ from distill_core.compiled import MaybeCompiled, compile_wanted
 from distill_core.methods.base import (DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet, init_synthetic,
                                        log_iteration)
 from distill_core.networks import build_network
+from distill_core.tiling import samples_independent
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -36,25 +37,32 @@ def embed_no_grad(net, x: torch.Tensor) -> torch.Tensor:
 
 
 class RealEmbedder:
-    """The real-batch embedding, optionally through torch.compile (distill_core.compiled).
+    """The real-batch embedding in cache-sized chunks, optionally through torch.compile.
 
-    CPU lever measured by benchmarks/methods.py (part c): torch.compile runs
-    this forward (ConvNet-128, 2560 images) about 2x faster than eager on CPU
-    (it fuses norm, activation and pooling); outputs agree to ~1e-5 relative.
-    The first call costs ~10-20 s, so "auto" compiles only CPU runs of at least
-    COMPILE_MIN_ITERATIONS; cfg.extra["compile_embed"] = True/False forces it.
-    channels_last was measured slower on CPU and is not used.
+    CPU levers measured by benchmarks/methods.py (part c) on ConvNet-128 with
+    2560 images: running the no-grad forward in chunks of CHUNK_CPU images
+    keeps the norm/activation/pool passes in cache (about 2x), and
+    torch.compile fuses them (about 2x); outputs agree to ~1e-5 relative.
+    Chunks are only used for networks that treat samples independently (a
+    BatchNorm network in train mode normalises over the whole batch). The
+    first compiled call costs ~10-20 s, so "auto" compiles only CPU runs of at
+    least COMPILE_MIN_ITERATIONS; cfg.extra["compile_embed"] = True/False
+    forces it. channels_last was measured slower on CPU and is not used.
     """
 
     COMPILE_MIN_ITERATIONS = 1000
+    CHUNK_CPU = 32
 
     def __init__(self, cfg: DistillConfig, device: torch.device):
         use = compile_wanted(cfg.extra.get("compile_embed", "auto"), device, cfg.iterations,
                              self.COMPILE_MIN_ITERATIONS)
-        self.fn = MaybeCompiled(embed_no_grad, use)
+        self.fn = MaybeCompiled(embed_no_grad, use, dynamic=False)  # fixed chunk shapes
 
     def __call__(self, net, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(net, x)
+        chunk = self.CHUNK_CPU if x.device.type == "cpu" and samples_independent(net) else None
+        if chunk is None or len(x) <= chunk:
+            return self.fn(net, x)
+        return torch.cat([self.fn(net, x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def dm_loss(net, x_real, y_real, x_syn, y_syn, num_classes: int, embed_real=embed_no_grad) -> torch.Tensor:

@@ -12,7 +12,7 @@ from distill_core.methods import METHODS, get_method
 from distill_core.methods import dc, mtt
 from distill_core.methods.base import DistillConfig, RealData, init_synthetic
 from distill_core.methods.baselines import herding
-from distill_core.methods.dm import dm_loss
+from distill_core.methods.dm import RealEmbedder, dm_loss, embed_no_grad
 from distill_core.networks import build_network
 from distill_core.ptm import PTMConfig, train_ptm
 
@@ -160,6 +160,17 @@ def test_gradient_matching_lowers_its_objective(real, method):
 
 
 # --- DM -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("compile_embed", [False, True])
+def test_real_embedder_chunks_equal_one_forward(real, compile_embed):
+    torch.manual_seed(3)
+    x = real.images[:70]  # two full chunks of 32 and a ragged one
+    embedder = RealEmbedder(config(iterations=1, extra={"compile_embed": compile_embed}), torch.device("cpu"))
+    for arch in ("convnet", "convnet_bn"):  # BatchNorm in train mode: one forward over the whole batch
+        net = build_network(arch, 1, real.num_classes, 28, **WIDTH).train()
+        torch.testing.assert_close(embedder(net, x), embed_no_grad(net, x), rtol=1e-4, atol=1e-5)
+    assert embedder.fn.compiled == compile_embed
+
+
 
 def test_dm_lowers_its_objective(real):
     cfg = config(iterations=20, lr_img=1.0, dsa=False)
