@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from distill_core.methods.base import RealData
 from distill_core.networks import build_network
+from distill_core.tiling import default_tile
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PTMConfig:
     weight_decay: float = 0.005
     batch_size: int = 256
     keep_epochs: list[int] | None = None  # None keeps every epoch (needed for MTT)
+    tile: int | None = None  # samples per forward/backward; None: distill_core.tiling's default; 0: whole batch
 
 
 @dataclass
@@ -63,19 +65,23 @@ def train_ptm(real: RealData, cfg: PTMConfig, val: tuple[torch.Tensor, torch.Ten
     checkpoints = {0: snapshot()} if keep is None or 0 in keep else {}
     history = []
     n = len(real.labels)
+    tile = default_tile(model, real.device) if cfg.tile is None else (cfg.tile or None)  # cache-sized on CPU
     model.train()
     for epoch in range(1, cfg.epochs + 1):
         perm = torch.randperm(n, generator=g).to(real.device)
         total_loss, correct = 0.0, 0
         for i in range(0, n, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            logits = model(real.images[idx])
-            loss = F.cross_entropy(logits, real.labels[idx])
+            x, y = real.images[idx], real.labels[idx]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for j in range(0, len(idx), tile or len(idx)):  # summed tile gradients = the batch gradient
+                logits = model(x[j:j + (tile or len(idx))])
+                yt = y[j:j + (tile or len(idx))]
+                loss = F.cross_entropy(logits, yt, reduction="sum")
+                (loss / len(idx)).backward()
+                total_loss += loss.item()
+                correct += int((logits.argmax(1) == yt).sum())
             opt.step()
-            total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == real.labels[idx]).sum())
         sched.step()
         record = {"epoch": epoch, "train_loss": total_loss / n, "train_acc": correct / n}
         if val is not None:

@@ -20,7 +20,7 @@ BatchNorm networks train in train mode with per-network running statistics
 
 Where it pays: GPUs, where one network's small synthetic-set batches leave the
 device idle between kernel launches. On CPU it is measured SLOWER than one
-network at a time (benchmarks/methods.py, `evaluation_vmap_speedup` 0.65 for
+network at a time (benchmarks/methods.py, `evaluation_vmap_speedup` 0.58-0.65 for
 4 x ConvNet-128 on this 2-core machine): functorch's batching rules turn the
 GroupNorm backward into decomposed elementwise ops and stacked convolutions
 into grouped ones, while a single network already keeps one core busy.

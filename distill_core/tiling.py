@@ -5,7 +5,8 @@ On CPU the ConvNet family spends much of a step in memory-bound passes
 caches; a batch of 100-256 images at width 128 streams them from DRAM. Running
 the batch's forward/backward `tile` samples at a time and summing the
 gradients computes the same step while those passes stay in cache
-(benchmarks/methods.py measures it). It is exact only for networks that treat
+(benchmarks/methods.py measures it). DC's inner loop, the evaluation
+protocol and PTM training use it. It is exact only for networks that treat
 samples independently: BatchNorm in train mode mixes a batch, so those
 networks are never tiled.
 """
