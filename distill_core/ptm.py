@@ -74,9 +74,10 @@ def train_ptm(real: RealData, cfg: PTMConfig, val: tuple[torch.Tensor, torch.Ten
             idx = perm[i:i + cfg.batch_size]
             x, y = real.images[idx], real.labels[idx]
             opt.zero_grad(set_to_none=True)
-            for j in range(0, len(idx), tile or len(idx)):  # summed tile gradients = the batch gradient
-                logits = model(x[j:j + (tile or len(idx))])
-                yt = y[j:j + (tile or len(idx))]
+            step = tile or len(idx)
+            for j in range(0, len(idx), step):  # summed tile gradients = the batch gradient
+                logits = model(x[j:j + step])
+                yt = y[j:j + step]
                 loss = F.cross_entropy(logits, yt, reduction="sum")
                 (loss / len(idx)).backward()
                 total_loss += loss.item()
