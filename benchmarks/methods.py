@@ -33,7 +33,7 @@ GPU's.
     channels_last memory format, torch.compile, and cache-sized chunks of 32
     images; each is reported with its speedup and whether its output matches
     the baseline. `peak_fraction` is that of the loop DM runs (its
-    `RealEmbedder` on a long run: chunks, compiled on CPU), `peak_fraction_eager`
+    `engines.RealEmbedder` on a long run: chunks, compiled on CPU), `peak_fraction_eager`
     the plain eager forward of the whole batch. The other two hot loops get the same figure from
     (a) and (b): `peak_fraction_matching` and `peak_fraction_evaluation`.
 
@@ -45,23 +45,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import statistics
 import time
 
 import torch
 
-from distill_core import evaluation, stacked
+import stacked  # benchmarks/stacked.py: the vmap form, benchmark-only
+from distill_core import evaluation, grouped
 from distill_core.augment import SiameseAugment
-from distill_core.compiled import MaybeCompiled, compile_wanted
 from distill_core.data import DatasetUnavailable, build_biased_dataset, load_source
 from distill_core.evaluation import EvalConfig, EvalSets
-from distill_core.methods import dc
-from distill_core.methods.base import DistillConfig, RealData, SyntheticSet, init_synthetic
-from distill_core.methods.dm import RealEmbedder
+from distill_core.methods import engines
+from distill_core.methods.base import DistillConfig, init_synthetic
 from distill_core.networks import build_network
-from distill_core.tiling import batch_ce, batch_loss_backward
+from distill_core.runtime import Runtime
+from distill_core.sets import RealData, SyntheticSet
+from distill_core.tiling import batch_backward, ce_sum
 
 
 # sizes per budget; "smoke" only proves the script and its JSON interface work (tests run it)
@@ -124,23 +124,24 @@ def bench_matching(real: RealData, size: dict, peak: float) -> dict:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     net = build_network("convnet", real.shape[0], k, real.shape[-1], width=width).to(device)
-    cfg = DistillConfig(ipc=ipc, iterations=1000, lr_img=0.1, init="real")  # a long run: the path DC takes
+    cfg = DistillConfig(method="dsa", ipc=ipc, iterations=1000, lr_img=0.1, init="real")
     x_syn = init_synthetic(real, cfg, g).images.requires_grad_(True)
     y_syn = torch.arange(k, device=device).repeat_interleave(ipc)
-    real_batch = dc.sample_real_batch(real, batch_real, g)
+    real_batch = engines.sample_real_batch(real, batch_real, g)
     augment = SiameseAugment()
     seed = 1234
     real_batch = real_batch.with_images(augment(real_batch.images, seed, real_batch.labels, k))
-    default = dc.GradientMatcher.for_run(cfg, device, outer_loop=10)
+    # the engine a long run (1000 iterations x 10 outer steps, as upstream's IPC 10) gets on this device
+    default = engines.GradientMatcher.from_runtime(Runtime(device=str(device)), 1000 * 10, k, batch_real)
     matchers = {
-        "loop": dc.GradientMatcher("loop"),
-        "batched": dc.GradientMatcher("batched"),
-        "tiled": dc.GradientMatcher("tiled"),
-        "tiled_compiled": dc.GradientMatcher("tiled", compile=True),
+        "loop": engines.GradientMatcher("loop"),
+        "batched": engines.GradientMatcher("batched"),
+        "tiled": engines.GradientMatcher("tiled"),
+        "tiled_compiled": engines.GradientMatcher("tiled", compile=True),
     }
 
     def step(matcher):
-        syn_batch = dc.synthetic_batch(augment(x_syn, seed, y_syn, k), y_syn, k)
+        syn_batch = engines.synthetic_batch(augment(x_syn, seed, y_syn, k), y_syn, k)
         loss = matcher(net, real_batch, syn_batch)
         grad, = torch.autograd.grad(loss, x_syn)
         return loss.detach(), grad
@@ -189,25 +190,26 @@ def bench_evaluation(real: RealData, size: dict, peak: float) -> dict:
     val, test = rest[:500], rest[500:500 + n_test]
     sets = EvalSets(val=(real.images[val], real.labels[val]), test=(real.images[test], real.labels[test]),
                     unbiased=(real.images[test], real.labels[test]), unbiased_aligned=None, num_classes=k)
-    # the engine compiles as it would for a protocol-size evaluation (20 networks x 300 epochs)
-    protocol_compile = compile_wanted("auto", real.device, 20 * 300, evaluation.COMPILE_MIN_NETWORK_EPOCHS)
-    ecfg = EvalConfig(arch="convnet", arch_options={"width": width}, epochs=epochs, checkpoints=4,
-                      compile=protocol_compile)
+    ecfg = EvalConfig(arch="convnet", arch_options={"width": width}, epochs=epochs, checkpoints=4, repeats=models)
+    # the engine compiles as it would for a protocol-size evaluation (20 networks x 300 epochs, 7 tiles a step)
+    device = str(real.device)
+    protocol_compile = Runtime(device=device).compile_for(20 * 301 * 7)
+    runtime = Runtime(device=device, compile=protocol_compile)
     # upstream's form: one network at a time, whole-batch steps, test batches of 256
-    baseline_cfg = dataclasses.replace(ecfg, tile=0, fold=False, predict_batch=256)
-    folded_cfg = dataclasses.replace(ecfg, fold=True)
+    baseline = Runtime(device=device, compile=False, tile=0, fold=False, predict_batch=256)
+    ce = runtime.compiled(ce_sum, 10**9 if protocol_compile else 0)
 
     def one_at_a_time():
-        return [evaluation.train_and_evaluate(syn, sets, baseline_cfg, r) for r in range(models)]
+        return [evaluation.train_and_evaluate(syn, sets, ecfg, r, baseline) for r in range(models)]
 
     def engine():  # what the evaluation stage runs on this device
-        return evaluation.evaluate_repeats(syn, sets, ecfg, models)
+        return evaluation.evaluate_repeats(syn, sets, ecfg, runtime)
 
     def folded():
-        return evaluation.train_and_evaluate_folded(syn, sets, folded_cfg, list(range(models)))
+        return grouped.train_and_evaluate_folded(syn, sets, ecfg, list(range(models)), runtime)
 
     t0 = time.perf_counter()  # compile the engine's step shapes once, outside the timings
-    evaluation.train_and_evaluate(syn, sets, dataclasses.replace(ecfg, epochs=1, checkpoints=1), 0)
+    evaluation.train_and_evaluate(syn, sets, ecfg.model_copy(update={"epochs": 1, "checkpoints": 1}), 0, runtime, ce)
     warmup_s = time.perf_counter() - t0
     log(f"(b) evaluation, engine warm-up (compiled: {protocol_compile}): {warmup_s:.1f}s")
     runs = {}
@@ -246,12 +248,11 @@ def bench_evaluation(real: RealData, size: dict, peak: float) -> dict:
     # achieved FLOP/s of the engine's training steps (the hot loop; validation and test excluded)
     net = build_network("convnet", real.shape[0], k, real.shape[-1], width=width).to(real.device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    tile = evaluation.step_tile(ecfg, net, real.device)
-    ce = MaybeCompiled(batch_ce, protocol_compile, dynamic=False)
+    tile = runtime.tile_for(net)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        batch_loss_backward(lambda x, y, r: ce(net, x, y, r), images, labels, tile)
+        batch_backward(lambda x, y: ce(net, x, y), images, labels, tile)
         opt.step()
 
     step_flops = flops_of(train_step)
@@ -319,11 +320,11 @@ def bench_peak(size: dict, peak: float, device: torch.device) -> dict:
             levers["torch_compile"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
         # DM's own embedder: cache-sized chunks, eager, and as a long DM run uses it (chunks, compiled)
-        chunked = RealEmbedder(DistillConfig(ipc=1, iterations=1, lr_img=1.0, extra={"compile_embed": False}), device)
+        chunked = engines.RealEmbedder(compile=False)
         t_ch, out = median_time(lambda: chunked(net, x), repeats)
         levers["cache_chunks"] = {"speedup": t_base / t_ch, "max_abs_diff": float((out - ref).abs().max())}
-        long_run = DistillConfig(ipc=1, iterations=RealEmbedder.COMPILE_MIN_ITERATIONS, lr_img=1.0)
-        dm_path = RealEmbedder(long_run, device)
+        # DM's published budget: 20000 iterations of 10 x 256 real images
+        dm_path = engines.RealEmbedder.from_runtime(Runtime(device=str(device)), 20000, 2560)
         t_dm, out = median_time(lambda: dm_path(net, x), repeats)
         levers["dm_path"] = {"speedup": t_base / t_dm, "max_abs_diff": float((out - ref).abs().max()),
                              "compiled": dm_path.fn.compiled}

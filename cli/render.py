@@ -23,6 +23,8 @@ def fmt(v) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in v.items())
     return str(v)
 
 
@@ -77,13 +79,15 @@ class ProgressView:
 
 
 RESULT_COLUMNS = ["dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch",
-                  "acc_mean", "acc_std", "acc_unbiased", "acc_aligned", "acc_conflicting", "n_repeats"]
+                  "acc_mean", "acc_std", "acc_unbiased", "acc_aligned", "acc_conflicting", "n_distillations",
+                  "n_repeats"]
+VARYING = ("iterations", "lr_img", "options", "eval_protocol")  # in the table only when the grid varies them
 
 
 def result_columns(rows: list[dict]) -> list[str]:
     cols = list(RESULT_COLUMNS)
-    for extra in ("iterations", "lr_img"):  # shown only when the grid varies them
-        if len({r.get(extra) for r in rows}) > 1:
+    for extra in reversed(VARYING):
+        if len({json.dumps(r.get(extra), sort_keys=True, default=str) for r in rows}) > 1:
             cols.insert(cols.index("guidance") + 1, extra)
     return cols
 
@@ -100,11 +104,12 @@ def results_table(rows: list[dict], title: str) -> Table:
 
 def results_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    cols = RESULT_COLUMNS[:7] + ["iterations", "lr_img"] + RESULT_COLUMNS[7:]
+    cols = RESULT_COLUMNS[:7] + list(VARYING) + RESULT_COLUMNS[7:]
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+        writer.writerow({k: ("" if r.get(k) is None else fmt(r[k]) if isinstance(r.get(k), dict) else r.get(k))
+                         for k in cols})
     return buf.getvalue()
 
 

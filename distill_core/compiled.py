@@ -3,8 +3,8 @@
 On this project's CPUs the hot loops lose much of their time to memory-bound
 normalisation, activation and pooling passes between the convolutions;
 torch.compile fuses those passes (benchmarks/methods.py measures each use).
-Compiling costs 10-40 s per new input shape, so the methods compile only long
-CPU runs (`compile_wanted`), and if the compiler fails (no C++ toolchain, an
+Compiling costs 10-40 s per new input shape, so only long CPU runs compile
+(`distill_core.runtime.Runtime.compile_for`), and if the compiler fails (no C++ toolchain, an
 unsupported op) the function runs eagerly, which computes the same thing.
 Fresh networks of one architecture reuse a compiled graph: nn.Module inputs
 are traced by structure, their parameters passed as graph inputs.
@@ -12,16 +12,9 @@ are traced by structure, their parameters passed as graph inputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-
-
-def compile_wanted(setting: Any, device: torch.device, work: int, threshold: int) -> bool:
-    """`setting` True/False forces it; "auto" (or None) compiles CPU runs with `work` >= `threshold`."""
-    if setting in (None, "auto"):
-        return device.type == "cpu" and work >= threshold
-    return bool(setting)
 
 
 class MaybeCompiled:

@@ -12,8 +12,11 @@ elementwise, so one optimiser over the folded parameters is N independent
 optimisers, and the summed loss gives every block its own network's gradient.
 
 Unlike `torch.func.vmap` stacking, this keeps every operation a single dense
-kernel (no per-op batching rules), which is what makes it pay on CPU too.
-Only the ConvNet family folds this way; `can_fold` says whether a network does.
+kernel (no per-op batching rules). Only the ConvNet family folds this way;
+`can_fold` says whether a network does. `train_and_evaluate_folded` is the
+evaluation protocol trained this way: the CUDA engine beside the recipe in
+`distill_core.evaluation` (on CPU, grouped convolutions measured no faster
+than one network at a time: benchmarks/methods.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill_core.augment import make_augmentation
+from distill_core.evaluation import (EvalConfig, EvalSets, accuracy_of, decay_epoch, metrics_from_predictions,
+                                     seeded_network, snapshot, training_lr, validation_epochs)
 from distill_core.networks import ConvNet
+from distill_core.runtime import Runtime
+from distill_core.sets import SyntheticSet
+from distill_core.tiling import batch_backward
 
 
 def can_fold(model: nn.Module) -> bool:
@@ -78,21 +87,83 @@ class FoldedConvNet(nn.Module):
         f = f.reshape(f.shape[0], self.n, -1)  # channel-major flatten, per network
         return torch.einsum("bnd,nkd->bnk", f, self.head_weight) + self.head_bias
 
-    def unfold_into(self, models: list[ConvNet]) -> None:
-        """Copy the trained parameters back into N separate networks."""
-        n = self.n
-        for folded, parts in zip(self.features, zip(*[m.features for m in models])):
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                t = getattr(folded, name, None)
-                if isinstance(t, torch.Tensor):
-                    for i, chunk in enumerate(t.data.chunk(n)):
-                        getattr(parts[i], name).data.copy_(chunk)
-        for i, m in enumerate(models):
-            m.classifier.weight.data.copy_(self.head_weight.data[i])
-            m.classifier.bias.data.copy_(self.head_bias.data[i])
+
+def folded_loss(folded: FoldedConvNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over images and networks, and the correct count; labels (B, N).
+
+    `batch_backward` divides by B, so each network gets its own mean-loss gradient.
+    """
+    logits = folded(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), (logits.argmax(2) == y).sum()
 
 
-def stacked_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over networks of each one's mean cross-entropy; labels (B, N)."""
-    b, n, k = logits.shape
-    return F.cross_entropy(logits.reshape(b * n, k), labels.reshape(b * n), reduction="sum") / b
+@torch.no_grad()
+def predict_folded(folded: FoldedConvNet, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N_images, N_networks) predicted classes; every network sees the same images."""
+    was_training = folded.training
+    folded.eval()
+    out = torch.cat([folded(images[i:i + batch_size].repeat(1, folded.n, 1, 1)).argmax(2)
+                     for i in range(0, len(images), batch_size)])
+    folded.train(was_training)
+    return out
+
+
+def train_and_evaluate_folded(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig, repeats: list[int],
+                              runtime: Runtime) -> list[dict]:
+    """`evaluation.train_and_evaluate` for several repeats at once, as one grouped network.
+
+    Each network keeps its own initialisation, shuffling and augmentation
+    stream (its own generator, consumed in the same order as the one-network
+    loop), so the results equal the one-at-a-time loop up to float rounding.
+    """
+    device = syn.images.device
+    shape = (syn.images.shape[1], sets.num_classes, syn.images.shape[-1])
+    models = [seeded_network(cfg, r, *shape) for r in repeats]
+    gens = [torch.Generator().manual_seed(cfg.seed * 1000 + r) for r in repeats]
+    folded = FoldedConvNet(models).to(device)
+    opt = torch.optim.SGD(folded.parameters(), lr=training_lr(cfg, syn), momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    augment = make_augmentation(cfg.augment)
+    tile = runtime.tile_for(models[0])  # tiles of 16/N images measured slower than 16
+    chunk = max(1, runtime.predict_batch_size() // len(repeats))  # the folded network is N networks wide
+    images, labels = syn.images.detach(), syn.labels
+    n = len(labels)
+    check_at = validation_epochs(cfg)
+    best = [{"val_acc": -1.0} for _ in repeats]
+    snapshots: dict[int, dict] = {}  # epoch -> folded weights, while some network's best is that epoch
+
+    folded.train()
+    for epoch in range(cfg.epochs + 1):
+        perms = [torch.randperm(n, generator=g).to(device) for g in gens]
+        for i in range(0, n, cfg.batch_size):
+            xs, ys = [], []
+            for perm, g in zip(perms, gens):  # the same draws, in the same order, as train_epoch
+                idx = perm[i:i + cfg.batch_size]
+                x = images[idx]
+                if augment is not None:
+                    x = augment.per_sample(x, int(torch.randint(2**31 - 1, (1,), generator=g)))
+                xs.append(x)
+                ys.append(labels[idx])
+            opt.zero_grad(set_to_none=True)
+            batch_backward(lambda x, y: folded_loss(folded, x, y), torch.cat(xs, 1), torch.stack(ys, 1), tile)
+            opt.step()
+        if epoch == decay_epoch(cfg):
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        if epoch in check_at:
+            val_pred = predict_folded(folded, sets.val[0], chunk) if len(sets.val[1]) else None
+            for j in range(len(repeats)):
+                val_acc = accuracy_of(val_pred[:, j], sets.val[1]) if val_pred is not None else 0.0
+                if val_acc >= best[j]["val_acc"]:
+                    best[j] = {"val_acc": val_acc, "epoch": epoch}
+                    snapshots.setdefault(epoch, snapshot(folded))
+            live = {b["epoch"] for b in best}
+            snapshots = {e: state for e, state in snapshots.items() if e in live}
+    for epoch, state in snapshots.items():  # test once per distinct best checkpoint
+        folded.load_state_dict(state)
+        pred_test = predict_folded(folded, sets.test[0], chunk)
+        pred_unb = predict_folded(folded, sets.unbiased[0], chunk)
+        for j, b in enumerate(best):
+            if b["epoch"] == epoch:
+                b.update(metrics_from_predictions(pred_test[:, j], pred_unb[:, j], sets))
+    return best

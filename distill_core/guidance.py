@@ -11,18 +11,40 @@ epoch) uniformly; PTMs are frozen.
       D = 1 - F(x_syn) F(x_real)^T,  M_ij = [y_syn_i == y_real_j],
       L_PTM = sum(M * D) / sum(D).
 
-`alpha` is one value or a mapping architecture -> value.
+`alpha` is one value or a mapping architecture -> value; a mapping must give
+every architecture of the pool a value (or a `default`), never a silent 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from distill_core.methods.base import RealData
+from distill_core.config import Config
 from distill_core.networks import Classifier
+from distill_core.sets import RealData
+
+Alpha = float | dict[str, float]
+
+
+class GuidanceConfig(Config):
+    """One PTM-guidance setting: which loss, its weight, which checkpoints, CCLoM's real batch."""
+
+    kind: Literal["clom", "cclom"]
+    alpha: Alpha = 1.0
+    checkpoint_epochs: list[int] | None = None  # which kept checkpoints to sample; None = the final one
+    real_batch: int = Field(default=8196, ge=1, le=1_000_000)  # CCLoM's B (paper 2's README value)
+
+
+def missing_alpha(alpha: Alpha, archs) -> list[str]:
+    """Architectures of a pool that an alpha mapping gives no weight (empty for a scalar or with `default`)."""
+    if not isinstance(alpha, dict) or "default" in alpha:
+        return []
+    return sorted(a for a in archs if a not in alpha)
 
 
 @dataclass
@@ -67,31 +89,32 @@ def cclom_loss(model: Classifier, x_syn, y_syn, x_real, y_real) -> torch.Tensor:
 
 @dataclass
 class PTMGuidance:
-    kind: str  # clom | cclom
+    config: GuidanceConfig
     pool: PTMPool
-    alpha: float | dict[str, float]
     real: RealData | None = None  # CCLoM's real images (target domain)
-    real_batch: int = 8196
 
     def __post_init__(self):
-        if self.kind not in ("clom", "cclom"):
-            raise ValueError(f"unknown guidance '{self.kind}' (clom | cclom)")
-        if self.kind == "cclom" and self.real is None:
+        if self.config.kind == "cclom" and self.real is None:
             raise ValueError("CCLoM needs the real training data")
         if not len(self.pool):
             raise ValueError("PTM guidance needs at least one checkpoint in the pool")
+        missing = missing_alpha(self.config.alpha, self.pool.members)
+        if missing:
+            raise ValueError(f"alpha gives no weight to pool architecture(s) {', '.join(missing)} (add them or 'default')")
 
     def alpha_for(self, arch: str) -> float:
-        if isinstance(self.alpha, dict):
-            return float(self.alpha.get(arch, self.alpha.get("default", 0.0)))
-        return float(self.alpha)
+        alpha = self.config.alpha
+        if isinstance(alpha, dict):
+            return float(alpha.get(arch, alpha.get("default")))
+        return float(alpha)
 
     def loss(self, x_syn: torch.Tensor, y_syn: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         arch, model = self.pool.sample(generator)
-        if self.kind == "clom":
+        if self.config.kind == "clom":
             term = clom_loss(model, x_syn, y_syn)
         else:
             assert self.real is not None
-            idx = torch.randint(len(self.real.labels), (self.real_batch,), generator=generator).to(self.real.device)
+            batch = self.config.real_batch
+            idx = torch.randint(len(self.real.labels), (batch,), generator=generator).to(self.real.device)
             term = cclom_loss(model, x_syn, y_syn, self.real.images[idx], self.real.labels[idx])
         return self.alpha_for(arch) * term

@@ -5,12 +5,16 @@ that accuracies are comparable with published numbers. Every network has
 `embed(x)` (penultimate features, used by DM and CCLoM) and `classifier`.
 Instance norm is GroupNorm(C, C, affine=True), as upstream.
 
-Look networks up by the names used in specs with `build_network(name, ...)`;
-ConvNet accepts overrides (`width`, `depth`, `norm`, `act`, `pool`).
+Look networks up by the names used in specs with `build_network(name, ...)`.
+Each architecture declares the overrides it takes (the ConvNet family:
+`width`, `depth`, `norm`, `act`, `pool`; MLP: `width`; VGG11 and ResNet18:
+`norm`); `check_network` builds one on the meta device, so a spec can be
+refused before any worker fails on an impossible override or image size.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def make_norm(kind: str, channels: int, spatial: int | None = None) -> nn.Module:
+def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "instancenorm":
         return nn.GroupNorm(channels, channels, affine=True)
     if kind == "batchnorm":
@@ -196,24 +200,35 @@ class ResNet18(Classifier):
 
 Factory = Callable[..., Classifier]
 
-ARCHITECTURES: dict[str, Factory] = {
-    "convnet": ConvNet,
-    "convnet_bn": lambda c, k, s, **kw: ConvNet(c, k, s, **{"norm": "batchnorm", **kw}),
-    "convnet_nonorm": lambda c, k, s, **kw: ConvNet(c, k, s, **{"norm": "none", **kw}),
-    **{f"convnetd{d}": (lambda c, k, s, _d=d, **kw: ConvNet(c, k, s, **{"depth": _d, **kw})) for d in (1, 2, 3, 4)},
-    "mlp": MLP,
-    "lenet": LeNet,
-    "alexnet": AlexNet,
-    "vgg11": VGG11,
-    "vgg11bn": lambda c, k, s, **kw: VGG11(c, k, s, norm="batchnorm", **kw),
-    "resnet18": ResNet18,
-    "resnet18bn": lambda c, k, s, **kw: ResNet18(c, k, s, norm="batchnorm", **kw),
-    "resnet18_ap": lambda c, k, s, **kw: ResNet18(c, k, s, avgpool_downsample=True, **kw),
-}
+CONVNET_OPTIONS = frozenset({"width", "depth", "norm", "act", "pool"})
 
-# overrides a spec may pass per architecture (e.g. {name: convnet, width: 64})
-ARCH_OPTIONS = {"width", "depth", "norm", "act", "pool"}
 
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    factory: Factory
+    options: frozenset[str] = frozenset()  # the overrides a spec may set
+
+
+def _convnet(name: str, **fixed) -> Architecture:
+    return Architecture(name, lambda c, k, s, **kw: ConvNet(c, k, s, **{**fixed, **kw}), CONVNET_OPTIONS - set(fixed))
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    _convnet("convnet"),
+    _convnet("convnet_bn", norm="batchnorm"),
+    _convnet("convnet_nonorm", norm="none"),
+    *(_convnet(f"convnetd{d}", depth=d) for d in (1, 2, 3, 4)),
+    Architecture("mlp", MLP, frozenset({"width"})),
+    Architecture("lenet", LeNet),
+    Architecture("alexnet", AlexNet),
+    Architecture("vgg11", VGG11, frozenset({"norm"})),
+    Architecture("vgg11bn", lambda c, k, s: VGG11(c, k, s, norm="batchnorm")),
+    Architecture("resnet18", ResNet18, frozenset({"norm"})),
+    Architecture("resnet18bn", lambda c, k, s: ResNet18(c, k, s, norm="batchnorm")),
+    Architecture("resnet18_ap", lambda c, k, s, **kw: ResNet18(c, k, s, avgpool_downsample=True, **kw),
+                 frozenset({"norm"})),
+)}
 
 class UnknownArchitecture(ValueError):
     pass
@@ -222,4 +237,31 @@ class UnknownArchitecture(ValueError):
 def build_network(name: str, channels: int, num_classes: int, image_size: int, **options) -> Classifier:
     if name not in ARCHITECTURES:
         raise UnknownArchitecture(f"unknown architecture '{name}' (known: {', '.join(sorted(ARCHITECTURES))})")
-    return ARCHITECTURES[name](channels, num_classes, image_size, **options)
+    arch = ARCHITECTURES[name]
+    unknown = unknown_options(name, options)
+    if unknown:
+        raise ValueError(unknown[0])
+    return arch.factory(channels, num_classes, image_size, **options)
+
+
+def unknown_options(name: str, options) -> list[str]:
+    """One message per override that architecture `name` does not take."""
+    takes = ARCHITECTURES[name].options
+    return [f"{name} takes no option '{o}' (it takes: {', '.join(sorted(takes)) or 'no options'})"
+            for o in sorted(options) if o not in takes]
+
+
+def check_network(name: str, options: dict, channels: int, num_classes: int, image_size: int) -> str | None:
+    """Why `name` with `options` cannot run on (channels, image_size) images, or None if it can.
+
+    Builds the network and runs a batch of two through it on the meta device:
+    no memory, no compute, only the shape checks.
+    """
+    try:
+        with torch.device("meta"):
+            net = build_network(name, channels, num_classes, image_size, **options)
+            net(torch.zeros(2, channels, image_size, image_size))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        text = str(exc).strip().splitlines()
+        return text[0] if text else type(exc).__name__
+    return None

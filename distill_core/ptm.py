@@ -1,35 +1,56 @@
-"""Training a pre-trained model (PTM) with a checkpoint every epoch.
+"""Training a pre-trained model (PTM) or an MTT expert, with checkpoints per epoch.
 
-Recipe from paper 2: SGD lr 0.01, momentum 0.9, weight decay 0.005, batch 256,
-lr x0.1 at 1/3 and 2/3 of training (epochs 50 and 100 of 150), no
-augmentation, normalised data. The per-epoch checkpoints double as MTT's
-expert trajectories.
+Two recipes (`recipe(name, ...)` gives a PTMConfig's training fields):
+- "ptm" (paper 2): SGD lr 0.01, momentum 0.9, weight decay 0.005, batch 256,
+  lr x0.1 after 1/3 and 2/3 of training (epochs 50 and 100 of 150), no
+  augmentation, normalised data.
+- "expert" (MTT's buffer.py): SGD lr 0.01 with no momentum and no weight
+  decay, a constant lr, batch 256, DSA augmentation with parameters per
+  sample, 50 epochs upstream; every epoch's checkpoint is an MTT trajectory.
+Epoch 0 (the initialisation) is kept as a checkpoint too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from distill_core.methods.base import RealData
+from distill_core.augment import make_augmentation
+from distill_core.config import Config
 from distill_core.networks import build_network
-from distill_core.tiling import default_tile
+from distill_core.runtime import DEFAULT_RUNTIME, Runtime
+from distill_core.sets import RealData
+from distill_core.tiling import ce_sum
+from distill_core.training import train_epoch
+
+RecipeName = Literal["ptm", "expert"]
 
 
-@dataclass
-class PTMConfig:
+class PTMConfig(Config):
     arch: str = "convnet"
-    arch_options: dict = field(default_factory=dict)
-    seed: int = 0
-    epochs: int = 150
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.005
-    batch_size: int = 256
+    arch_options: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    epochs: int = Field(default=150, ge=1, le=100_000)
+    lr: float = Field(default=0.01, gt=0, le=100)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.005, ge=0, le=1)
+    batch_size: int = Field(default=256, ge=1, le=100_000)
+    milestones: list[int] = Field(default_factory=list)  # lr x0.1 after each of these epochs
+    augment: str | None = None  # per-sample augmentation while training (distill_core.augment names)
     keep_epochs: list[int] | None = None  # None keeps every epoch (needed for MTT)
-    tile: int | None = None  # samples per forward/backward; None: distill_core.tiling's default; 0: whole batch
+
+
+def recipe(name: RecipeName, epochs: int, dsa_strategy: str) -> dict:
+    """The training fields of a named recipe for a run of `epochs` epochs."""
+    if name == "ptm":
+        return {"momentum": 0.9, "weight_decay": 0.005, "augment": None,
+                "milestones": sorted({max(1, epochs // 3), max(1, 2 * epochs // 3)})}
+    if name == "expert":
+        return {"momentum": 0.0, "weight_decay": 0.0, "augment": f"dsa:{dsa_strategy}", "milestones": []}
+    raise ValueError(f"unknown PTM recipe '{name}' (ptm | expert)")
 
 
 @dataclass
@@ -49,14 +70,14 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
 
 
 def train_ptm(real: RealData, cfg: PTMConfig, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-              progress=None) -> PTMResult:
+              runtime: Runtime = DEFAULT_RUNTIME, progress=None) -> PTMResult:
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     channels, size = real.shape[0], real.shape[-1]
     model = build_network(cfg.arch, channels, real.num_classes, size, **cfg.arch_options).to(real.device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[max(1, cfg.epochs // 3), max(1, 2 * cfg.epochs // 3)], gamma=0.1)
+    augment = make_augmentation(cfg.augment)
+    tile = runtime.tile_for(model)
     keep = set(cfg.keep_epochs) if cfg.keep_epochs is not None else None
 
     def snapshot():
@@ -64,27 +85,13 @@ def train_ptm(real: RealData, cfg: PTMConfig, val: tuple[torch.Tensor, torch.Ten
 
     checkpoints = {0: snapshot()} if keep is None or 0 in keep else {}
     history = []
-    n = len(real.labels)
-    tile = default_tile(model, real.device) if cfg.tile is None else (cfg.tile or None)  # cache-sized on CPU
     model.train()
     for epoch in range(1, cfg.epochs + 1):
-        perm = torch.randperm(n, generator=g).to(real.device)
-        total_loss, correct = 0.0, 0
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
-            x, y = real.images[idx], real.labels[idx]
-            opt.zero_grad(set_to_none=True)
-            step = tile or len(idx)
-            for j in range(0, len(idx), step):  # summed tile gradients = the batch gradient
-                logits = model(x[j:j + step])
-                yt = y[j:j + step]
-                loss = F.cross_entropy(logits, yt, reduction="sum")
-                (loss / len(idx)).backward()
-                total_loss += loss.item()
-                correct += int((logits.argmax(1) == yt).sum())
-            opt.step()
-        sched.step()
-        record = {"epoch": epoch, "train_loss": total_loss / n, "train_acc": correct / n}
+        stats = train_epoch(model, opt, real.images, real.labels, cfg.batch_size, g, augment, tile, ce_sum)
+        if epoch in cfg.milestones:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        record = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.acc}
         if val is not None:
             record["val_acc"] = accuracy(model, *val)
         history.append(record)

@@ -5,8 +5,8 @@ On CPU the ConvNet family spends much of a step in memory-bound passes
 caches; a batch of 100-256 images at width 128 streams them from DRAM. Running
 the batch's forward/backward `tile` samples at a time and summing the
 gradients computes the same step while those passes stay in cache
-(benchmarks/methods.py measures it). DC's inner loop, the evaluation
-protocol and PTM training use it. It is exact only for networks that treat
+(benchmarks/methods.py measures it). Every training loop (`distill_core.training`)
+and DC's real-side matching use it. It is exact only for networks that treat
 samples independently: BatchNorm in train mode mixes a batch, so those
 networks are never tiled.
 """
@@ -21,12 +21,14 @@ import torch.nn.functional as F
 
 TILE_CPU = 16  # measured best of 8/16/32/64 for ConvNet-64/128 steps on this project's CPUs
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]  # (x, y, reduction) -> loss
+# (x, y) -> (summed cross-entropy, number of correct predictions)
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def batch_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The training loss of one (tile of a) batch; module-level so torch.compile can cache it."""
-    return F.cross_entropy(model(x), y, reduction=reduction)
+def ce_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of (a tile of) a batch and its correct count; module-level so torch.compile caches it."""
+    logits = model(x)
+    return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
 
 
 def samples_independent(model: nn.Module) -> bool:
@@ -39,10 +41,17 @@ def default_tile(model: nn.Module, device: torch.device) -> int | None:
     return TILE_CPU if device.type == "cpu" and samples_independent(model) else None
 
 
-def batch_loss_backward(loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, tile: int | None) -> None:
-    """Backward of the batch's mean loss, `tile` samples at a time (the summed gradients are the same)."""
-    if tile is None or len(y) <= tile:
-        loss_fn(x, y, "mean").backward()
-        return
-    for i in range(0, len(y), tile):
-        (loss_fn(x[i:i + tile], y[i:i + tile], "sum") / len(y)).backward()
+def batch_backward(loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                   tile: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of the batch's mean loss, `tile` samples at a time (the summed gradients are the same).
+
+    Returns the batch's summed loss and correct count, detached (no device sync).
+    """
+    n = len(y)
+    step = tile if tile and tile < n else n
+    total, correct = x.new_zeros(()), torch.zeros((), dtype=torch.long, device=x.device)
+    for i in range(0, n, step):
+        loss, right = loss_fn(x[i:i + step], y[i:i + step])
+        (loss / n).backward()
+        total, correct = total + loss.detach(), correct + right
+    return total, correct

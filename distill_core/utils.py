@@ -1,24 +1,10 @@
-"""Small runtime helpers shared by the science code: seeding, devices, threads."""
+"""Runtime helper shared by the stage entry points: torch threads from a task's CPUs."""
 
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
 import torch
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU generator seeded the same way."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def set_threads(num_cpus: float | int | None) -> int:

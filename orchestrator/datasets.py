@@ -18,15 +18,17 @@ def dataset_spec_from_flags(source: str, bias: str, aligned_ratio: float, severi
                              max_per_class: int | None, data_root: str | None) -> DatasetSpec:
     from pydantic import ValidationError
 
-    from orchestrator.spec import format_errors
+    from orchestrator.spec_errors import problems_from
 
+    flags = {"aligned_ratios": "--aligned-ratio", "severities": "--severity", "source": "--source",
+             "bias": "--bias", "max_per_class": "--max-per-class"}
     try:
         return DatasetSpec(name=source, source=source, bias=bias, aligned_ratios=[aligned_ratio],
                            severities=[severity], max_per_class=max_per_class, data_root=data_root)
     except ValidationError as exc:
-        lines = [line.replace("aligned_ratios[0]", "--aligned-ratio").replace("severities[0]", "--severity")
-                 for line in format_errors(exc)]
-        raise UserError(*lines) from None
+        problems = problems_from(exc, DatasetSpec)
+        raise UserError(*[f"{flags.get(p.loc[0], p.loc[0]) if p.loc else 'dataset'}: {p.message}"
+                          for p in problems]) from None
 
 
 def build_variants(ds: DatasetSpec, store: ArtifactStore, cpus: float = 1.0) -> list[dict]:
@@ -49,7 +51,6 @@ def build_variants(ds: DatasetSpec, store: ArtifactStore, cpus: float = 1.0) -> 
     return out
 
 
-
 def find_dataset(store: ArtifactStore, name: str) -> dict:
     """A stored dataset variant by key (or key prefix) or by label, e.g. `digits[p=0.95,s=1]`."""
     found = []
@@ -66,10 +67,3 @@ def find_dataset(store: ArtifactStore, name: str) -> dict:
     result["counts"] = store.read_json("dataset", result["key"], "counts.json")
     result["grid_path"] = str(store.path("dataset", result["key"], "dataset_grid.png"))
     return result
-
-
-def list_datasets(store: ArtifactStore) -> list[dict]:
-    out = []
-    for manifest in sorted((store.root / "stages" / "dataset").glob("*/manifest.json")):
-        out.append(store.read_json("dataset", manifest.parent.name, "result.json"))
-    return out

@@ -1,13 +1,17 @@
 """Expanding a study spec into its stage graph.
 
 dataset build -> PTM training (architecture x seed, per pool variant)
-             -> distillation (variant x method x IPC x iterations x lr x guidance)
+             -> distillation (variant x method x IPC x iterations x lr x guidance x options x seed)
              -> evaluation (synthetic set x architecture)
 
-A stage's key hashes its kind, its code version, its full config and its
-inputs' keys, so an unchanged stage keeps its key across submissions (and
-across studies) and is reused from the store; anything upstream that changes
-changes every key downstream.
+Each stage's config is one distill_core config (`DatasetConfig`, `PTMConfig`,
+`DistillConfig`, `EvalConfig`) stored as its own dict; the stage rebuilds it
+with `Config(**stage.config)`. Defaults, option models and evaluation
+protocols come from the method registry. A stage's key hashes its kind, its
+code version, its config and its named inputs' keys, so an unchanged stage
+keeps its key across submissions (and across studies) and is reused from the
+store; anything upstream that changes changes every key downstream. How a
+stage runs (the spec's `runtime`, data locations) is never part of a key.
 """
 
 from __future__ import annotations
@@ -17,34 +21,32 @@ import json
 from dataclasses import dataclass, field
 from itertools import product
 
+from distill_core.data.biased import DatasetConfig
+from distill_core.data.sources import SOURCES
+from distill_core.evaluation import EvalConfig
+from distill_core.guidance import GuidanceConfig
+from distill_core.methods import METHODS, DistillConfig, Method
+from distill_core.methods.registry import dsa_strategy, evaluation_augment
+from distill_core.ptm import PTMConfig, recipe
 from orchestrator.spec import DatasetSpec, GuidanceSpec, PTMPoolSpec, StudySpec
+from orchestrator.spec_checks import option_grid, option_points
 
 # Bump a kind's version when its code changes what it produces.
-STAGE_VERSIONS = {"dataset": 2, "ptm": 1, "distill": 1, "evaluate": 1}
+STAGE_VERSIONS = {"dataset": 3, "ptm": 2, "distill": 2, "evaluate": 2}
 STAGE_KINDS = tuple(STAGE_VERSIONS)
+CONFIGS = {"dataset": DatasetConfig, "ptm": PTMConfig, "distill": DistillConfig, "evaluate": EvalConfig}
 
-# Upstream defaults per method (protocols.md section 2), used where the spec is silent.
-METHOD_DEFAULTS = {
-    "dc": {"iterations": 1000, "lr_img": 0.1, "init": "noise", "dsa": False},
-    "dsa": {"iterations": 1000, "lr_img": 0.1, "init": "real", "dsa": True},
-    "dm": {"iterations": 20000, "lr_img": 1.0, "init": "real", "dsa": True},
-    # MTT is beyond the source papers: TESLA/MTT's CIFAR-10 defaults (image lr 1000 for ZCA-free pixels)
-    "mtt": {"iterations": 5000, "lr_img": 1000.0, "init": "real", "dsa": True},
-    "random": {"iterations": 0, "lr_img": 0.0, "init": "real", "dsa": False},
-    "herding": {"iterations": 0, "lr_img": 0.0, "init": "real", "dsa": False},
-    "whole": {"iterations": 0, "lr_img": 0.0, "init": "real", "dsa": False},
-}
-NON_OPTIMISING = {"random", "herding", "whole"}  # baselines: no iterations, no lr, no guidance
+Inputs = dict[str, "str | list[str]"]  # role -> stage key(s), e.g. {"dataset": k, "ptms": [k1, k2]}
 
 
 @dataclass
 class Stage:
     kind: str
-    config: dict
-    inputs: list[str] = field(default_factory=list)
+    config: dict  # CONFIGS[kind]'s own dict
+    inputs: Inputs = field(default_factory=dict)
     label: str = ""
     coords: dict = field(default_factory=dict)  # the grid coordinates, for results and MLflow tags
-    runtime: dict = field(default_factory=dict)  # how to run it (e.g. where data lies); not in the key
+    runtime: dict = field(default_factory=dict)  # where its data lies; not in the key
     key: str = ""
 
     def __post_init__(self):
@@ -53,43 +55,85 @@ class Stage:
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         self.key = f"{self.kind}-{digest[:16]}"
 
+    @property
+    def input_keys(self) -> list[str]:
+        keys: list[str] = []
+        for value in self.inputs.values():
+            keys += [value] if isinstance(value, str) else value
+        return list(dict.fromkeys(keys))
+
+    def typed_config(self):
+        return CONFIGS[self.kind](**self.config)
+
 
 @dataclass
 class StageGraph:
     stages: dict[str, Stage] = field(default_factory=dict)  # key -> stage, in topological order
+    _dependents: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, stage: Stage) -> Stage:
         # the same stage reached twice (e.g. a shared PTM) is one stage
-        return self.stages.setdefault(stage.key, stage)
+        if stage.key in self.stages:
+            return self.stages[stage.key]
+        self.stages[stage.key] = stage
+        for k in stage.input_keys:
+            self._dependents.setdefault(k, []).append(stage.key)
+        return stage
 
     def of_kind(self, kind: str) -> list[Stage]:
         return [s for s in self.stages.values() if s.kind == kind]
 
     def dependents(self, key: str) -> list[str]:
-        return [s.key for s in self.stages.values() if key in s.inputs]
+        return self._dependents.get(key, [])
 
     def counts(self) -> dict[str, int]:
-        return {k: len(self.of_kind(k)) for k in STAGE_KINDS}
+        out = dict.fromkeys(STAGE_KINDS, 0)
+        for s in self.stages.values():
+            out[s.kind] += 1
+        return out
 
+
+# --- stages of each kind -------------------------------------------------------------------------
 
 def dataset_stage(ds: DatasetSpec, ratio: float, severity: int) -> Stage:
-    config = {"source": ds.source, "bias": ds.bias, "aligned_ratio": ratio, "severity": severity,
-              "max_per_class": ds.max_per_class, "val_fraction": ds.val_fraction, "seed": ds.seed}
-    coords = {"dataset": ds.name, "aligned_ratio": ratio if ds.bias != "none" else None,
+    shared = ds.model_dump(include=set(DatasetConfig.model_fields))
+    config = DatasetConfig(**shared, aligned_ratio=ratio, severity=severity)
+    coords = {"dataset": ds.name, "source": ds.source, "aligned_ratio": ratio if ds.bias != "none" else None,
               "severity": severity if ds.bias != "none" else None}
     label = ds.name if ds.bias == "none" else f"{ds.name}[p={ratio:g},s={severity}]"
-    return Stage("dataset", config, [], label, coords, runtime={"data_root": ds.data_root})
+    return Stage("dataset", config.to_dict(), {}, label, coords, runtime={"data_root": ds.data_root})
 
 
 def ptm_stages(pool: PTMPoolSpec, data: Stage) -> list[Stage]:
+    epochs = pool.train_epochs
+    training = recipe(pool.recipe, epochs, dsa_strategy(SOURCES[data.coords["source"]]))
     out = []
     for arch, seed in product(pool.architectures, pool.seeds):
-        config = {"arch": arch.name, "arch_options": arch.options, "seed": seed, "epochs": pool.epochs,
-                  "keep_epochs": pool.checkpoint_epochs, "lr": pool.lr, "batch_size": pool.batch_size}
-        coords = {**data.coords, "pool": pool.name, "arch": arch.label, "seed": seed}
-        out.append(Stage("ptm", config, [data.key], f"{pool.name}/{arch.label}/s{seed} on {data.label}", coords))
+        config = PTMConfig(arch=arch.name, arch_options=arch.options, seed=seed, epochs=epochs, lr=pool.lr,
+                           batch_size=pool.batch_size, keep_epochs=pool.checkpoint_epochs, **training)
+        coords = {**data.coords, "pool": pool.name, "arch": arch.label, "seed": seed, "recipe": pool.recipe}
+        out.append(Stage("ptm", config.to_dict(), {"dataset": data.key},
+                         f"{pool.name}/{arch.label}/s{seed} on {data.label}", coords))
     return out
 
+
+def evaluation_stages(spec: StudySpec, method: Method, distill: Stage, target: Stage) -> list[Stage]:
+    e = spec.evaluation
+    source = target.coords["source"]
+    out = []
+    for arch in e.architectures:
+        protocol = method.protocol(SOURCES[source], arch.name)
+        config = EvalConfig(arch=arch.name, arch_options=arch.options, epochs=e.epochs or protocol.epochs,
+                            lr=e.lr, batch_size=e.batch_size, checkpoints=e.checkpoints, repeats=e.repeats,
+                            augment=evaluation_augment(e.augmentation, protocol, SOURCES[source]), seed=spec.seed)
+        coords = {**distill.coords, "eval_arch": arch.label,
+                  "eval_protocol": f"{config.augment or 'none'}/{config.epochs}ep"}
+        out.append(Stage("evaluate", config.to_dict(), {"synthetic": distill.key, "dataset": target.key},
+                         f"eval {arch.label} <- {distill.label}", coords))
+    return out
+
+
+# --- the whole graph ---------------------------------------------------------------------------
 
 def build_stage_graph(spec: StudySpec) -> StageGraph:
     graph = StageGraph()
@@ -97,12 +141,10 @@ def build_stage_graph(spec: StudySpec) -> StageGraph:
     variants: dict[str, list[Stage]] = {
         ds.name: [dataset_stage(ds, p, s) for p, s in ds.variants()] for ds in spec.datasets}
     targets = [graph.add(v) for ds in spec.datasets if ds.distill for v in variants[ds.name]]
-    datasets = {d.name: d for d in spec.datasets}
     pools = {p.name: p for p in spec.ptm_pools}
 
     def pool_source(pool: PTMPoolSpec, target: Stage) -> Stage:
         """The dataset variant a pool trains on for a given distillation target."""
-        ds = datasets[pool.dataset]
         candidates = variants[pool.dataset]
         if pool.aligned_ratio is not None or pool.severity is not None:
             return next(v for v in candidates
@@ -110,9 +152,7 @@ def build_stage_graph(spec: StudySpec) -> StageGraph:
                         and (pool.severity is None or v.config["severity"] == pool.severity))
         if pool.dataset == target.coords["dataset"]:
             return target  # matched: the PTM sees the same (biased) data as the distillation
-        if len(candidates) == 1 or ds.bias == "none":
-            return candidates[0]
-        raise ValueError(f"ptm pool '{pool.name}' has several variants; pin aligned_ratio and severity")
+        return candidates[0]  # a single-variant source (validation refuses several unpinned)
 
     def pool_stages(name: str, target: Stage) -> list[Stage]:
         source = graph.add(pool_source(pools[name], target))
@@ -120,47 +160,48 @@ def build_stage_graph(spec: StudySpec) -> StageGraph:
 
     d = spec.distillation
     for target in targets:
-        for method, ipc in product(d.methods, d.ipc):
-            defaults = METHOD_DEFAULTS.get(method, METHOD_DEFAULTS["dm"])
-            baseline = method in NON_OPTIMISING
-            iterations = [0] if baseline else (d.iterations or [defaults["iterations"]])
-            lrs = [0.0] if baseline else (d.lr_img or [defaults["lr_img"]])
-            guidances = [GuidanceSpec()] if baseline else d.guidance
-            for iters, lr, guide in product(iterations, lrs, guidances):
-                inputs = [target.key]
-                guide_cfg = {"kind": guide.kind}
+        source = SOURCES[target.coords["source"]]
+        strategy = {"auto": dsa_strategy(source), "none": None}.get(d.augmentation, d.augmentation)
+        for name, ipc in product(d.methods, d.ipc):
+            method = METHODS[name]
+            if method.optimises_images:
+                grid = product(d.iterations or [method.iterations], d.lr_img or [method.lr_img], d.guidance,
+                               option_points(name, d.options.get(name, {})))
+            else:  # coreset baselines: no iterations, no lr, no guidance, no options
+                grid = [(0, 0.0, GuidanceSpec(), {})]
+            for (iters, lr, guide, options), seed in product(grid, d.seeds):
+                inputs: Inputs = {"dataset": target.key}
+                guidance = None
                 if guide.kind != "none":
-                    ptms = pool_stages(guide.pool, target)
-                    inputs += [s.key for s in ptms]
-                    guide_cfg.update(alpha=guide.alpha, real_batch=guide.real_batch,
-                                     checkpoint_epochs=guide.checkpoint_epochs,
-                                     arch_labels={s.key: s.coords["arch"] for s in ptms})
-                trajectories = []
-                if method == "mtt":
-                    trajectories = [s.key for s in pool_stages(d.trajectories, target)]
-                    inputs += [k for k in trajectories if k not in inputs]
-                config = {
-                    "method": method, "ipc": ipc, "iterations": iters, "lr_img": lr,
-                    "arch": d.arch.name, "arch_options": d.arch.options, "batch_real": d.batch_real,
-                    "init": d.init or defaults["init"],
-                    "dsa": d.dsa if d.dsa is not None else defaults["dsa"],
-                    "seed": d.seed + spec.seed, "extra": d.extra, "guidance": guide_cfg,
-                    "trajectories": trajectories,
-                }
-                coords = {**target.coords, "method": method, "ipc": ipc, "iterations": iters,
-                          "lr_img": lr, "guidance": guide.label}
-                label = f"{method} ipc{ipc} {guide.label} on {target.label}"
-                if d.iterations and len(d.iterations) > 1 and not baseline:
-                    label += f" it{iters}"
-                if d.lr_img and len(d.lr_img) > 1 and not baseline:
-                    label += f" lr{lr:g}"
-                distill = graph.add(Stage("distill", config, inputs, label, coords))
-                e = spec.evaluation
-                for arch in e.architectures:
-                    config = {"arch": arch.name, "arch_options": arch.options, "epochs": e.epochs,
-                              "repeats": e.repeats, "dsa": e.dsa, "lr": e.lr, "batch_size": e.batch_size,
-                              "checkpoints": e.checkpoints, "seed": spec.seed}
-                    coords = {**distill.coords, "eval_arch": arch.label}
-                    graph.add(Stage("evaluate", config, [distill.key, target.key],
-                                    f"eval {arch.label} <- {label}", coords))
+                    inputs["ptms"] = [s.key for s in pool_stages(guide.pool, target)]
+                    guidance = GuidanceConfig(**guide.model_dump(include=set(GuidanceConfig.model_fields)))
+                if method.needs_experts:
+                    inputs["experts"] = [s.key for s in pool_stages(d.trajectories, target)]
+                config = DistillConfig(
+                    method=name, ipc=ipc, iterations=iters, lr_img=lr, arch=d.arch.name,
+                    arch_options=d.arch.options, lr_net=d.lr_net, batch_real=d.batch_real,
+                    init=d.init or method.init, augment=strategy if method.augment else None,
+                    seed=seed + spec.seed, log_every=d.log_every, options=options, guidance=guidance)
+                coords = {**target.coords, "method": name, "ipc": ipc, "iterations": iters, "lr_img": lr,
+                          "guidance": guide.label, "distill_seed": seed, "options": options or None}
+                varied = {k: v for k, v in options.items() if len(option_grid(name, d.options.get(name, {}))[k]) > 1}
+                distill = graph.add(Stage("distill", config.to_dict(), inputs,
+                                          distill_label(spec, config, guide, target, varied), coords))
+                for stage in evaluation_stages(spec, method, distill, target):
+                    graph.add(stage)
     return graph
+
+
+def distill_label(spec: StudySpec, cfg: DistillConfig, guide: GuidanceSpec, target: Stage, varied: dict) -> str:
+    """`dm ipc10 none on cdigits[p=0.1,s=1]`, plus whatever the grid varies (`varied`: option values)."""
+    d = spec.distillation
+    label = f"{cfg.method} ipc{cfg.ipc} {guide.label} on {target.label}"
+    if cfg.iterations and d.iterations and len(d.iterations) > 1:
+        label += f" it{cfg.iterations}"
+    if cfg.lr_img and d.lr_img and len(d.lr_img) > 1:
+        label += f" lr{cfg.lr_img:g}"
+    label += "".join(f" {k}={v}" for k, v in varied.items())
+    if len(d.seeds) > 1:
+        label += f" s{cfg.seed - spec.seed}"
+    return label
+

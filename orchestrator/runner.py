@@ -3,23 +3,24 @@
 Read top to bottom: build the graph, check everything a user can get wrong
 (tracking reachable, data present, the cluster big enough) before anything is
 written, mark stages already in the store as cached, then keep submitting
-every stage whose inputs are ready as a Ray task with its declared resources,
-logging each finished stage to MLflow from this driver.
+every stage whose inputs are ready to an executor (Ray tasks with their
+declared resources, or inline in tests), logging each finished stage to
+MLflow from this driver. Readiness is counted, not rescanned: each stage keeps
+the number of its inputs not yet done, and a finished stage decrements its
+dependents' counts.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 from distill_core import __version__
 from distill_core.data import DatasetUnavailable, load_source
 from orchestrator.errors import UserError
-from orchestrator.graph import Stage, StageGraph, build_stage_graph
+from orchestrator.executors import Executor, RayExecutor, ensure_ray
+from orchestrator.graph import StageGraph, build_stage_graph
 from orchestrator.spec import StudySpec
-from orchestrator.stages import execute_stage
 from orchestrator.store import ArtifactStore
 from orchestrator.studies import StudyRecord, open_record, study_results
 from orchestrator.tracking import Tracker
@@ -58,23 +59,6 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"ray: cannot reach cluster '{address}' ({exc.__class__.__name__}: {exc})") from None
 
 
-def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    try:
-        if address:
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                     logging_level=logging.ERROR, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "a local Ray"
-        raise UserError(f"ray: cannot connect to cluster '{where}' ({str(exc).splitlines()[0][:160]})") from None
-
-
 def check_resources(spec: StudySpec, graph: StageGraph) -> None:
     import ray
 
@@ -103,7 +87,9 @@ def check_data(spec: StudySpec, graph: StageGraph, cached: set[str]) -> None:
 
 def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = None,
                  tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
-                 on_event: EventFn | None = None) -> StudyOutcome:
+                 on_event: EventFn | None = None,
+                 executor: Callable[[str, dict], Executor] | None = None) -> StudyOutcome:
+    """Run every stage of `spec` not already in the store; `executor(store_root, runtime)` defaults to Ray."""
     emit = on_event or (lambda event: None)
     store = ArtifactStore(store_root or spec.store.root)
     graph = build_stage_graph(spec)
@@ -119,8 +105,10 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
             store.quarantine(s.kind, k)
             emit({"type": "warning", "message": f"stored stage {s.label} was damaged; rebuilding"})
     check_data(spec, graph, cached)
-    ensure_ray(address, num_cpus)
-    check_resources(spec, graph)
+    if executor is None:
+        ensure_ray(address, num_cpus)
+        check_resources(spec, graph)
+        executor = RayExecutor
 
     # --- study record and parent run ----------------------------------------------------------------
     study_id = spec.study_id
@@ -142,7 +130,9 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
         emit({"type": "stage", "key": k, "state": "cached"})
 
     # --- run ------------------------------------------------------------------------------------
-    state = run_graph(spec, graph, store, record, tracker, parent, logged, emit)
+    runtime = spec.runtime.model_dump(exclude={"device"})
+    state = run_graph(spec, graph, store, record, tracker, parent, logged, emit,
+                      executor(str(store.root), runtime))
     record.data["state"] = state
     record.save()
     tracker.finish_parent(parent, state, record.counts())
@@ -153,15 +143,17 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
 
 
 def run_graph(spec: StudySpec, graph: StageGraph, store: ArtifactStore, record: StudyRecord, tracker: Tracker,
-              parent: str, logged: dict[str, str], emit: EventFn) -> str:
-    import ray
-
-    remote = ray.remote(max_retries=0)(execute_stage)
+              parent: str, logged: dict[str, str], emit: EventFn, executor: Executor) -> str:
     states = {k: v["state"] for k, v in record.data["stages"].items()}
-    running: dict = {}  # ObjectRef -> stage key
+    done = ("executed", "cached")
+    waiting = {k: sum(states[i] not in done for i in s.input_keys) for k, s in graph.stages.items()}
 
-    def ready(stage: Stage) -> bool:
-        return all(states[i] in ("executed", "cached") for i in stage.inputs)
+    def submit(key: str) -> None:
+        stage = graph.stages[key]
+        executor.submit(stage, getattr(spec.resources, stage.kind))
+        states[key] = "running"
+        record.set_stage(key, "running")
+        emit({"type": "stage", "key": key, "state": "running"})
 
     def skip_dependents(key: str) -> None:
         for dep in graph.dependents(key):
@@ -172,42 +164,37 @@ def run_graph(spec: StudySpec, graph: StageGraph, store: ArtifactStore, record: 
                 skip_dependents(dep)
 
     try:
-        while True:
-            for key, stage in graph.stages.items():
-                if states[key] == "pending" and ready(stage):
-                    res = getattr(spec.resources, stage.kind)
-                    ref = remote.options(num_cpus=res.cpus, num_gpus=res.gpus, name=stage.label[:120]).remote(
-                        stage, str(store.root), res.cpus, res.gpus)
-                    running[ref] = key
-                    states[key] = "running"
-                    record.set_stage(key, "running")
-                    emit({"type": "stage", "key": key, "state": "running"})
-            if not running:
-                break
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in done:
-                key = running.pop(ref)
-                stage = graph.stages[key]
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # the task raised: record it, skip what depends on it
-                    message = _task_error(exc)
-                    states[key] = "failed"
-                    record.set_stage(key, "failed", message)
-                    tracker.log_failure(parent, record.data["study_id"], stage, message)
-                    emit({"type": "stage", "key": key, "state": "failed", "error": message})
-                    skip_dependents(key)
-                    continue
-                if key not in logged:
-                    tracker.log_stage(parent, record.data["study_id"], result, store.stage_dir(stage.kind, key), False)
-                states[key] = "executed"
-                record.set_stage(key, "executed")
-                emit({"type": "stage", "key": key, "state": "executed", "metrics": result.get("metrics", {})})
+        for key in graph.stages:
+            if states[key] == "pending" and waiting[key] == 0:
+                submit(key)
+        while executor.running():
+            finished = executor.next_done(timeout=1.0)
+            if finished is None:
+                continue
+            key, result = finished
+            stage = graph.stages[key]
+            if isinstance(result, BaseException):  # the stage raised: record it, skip what depends on it
+                message = _task_error(result)
+                states[key] = "failed"
+                record.set_stage(key, "failed", message)
+                tracker.log_failure(parent, record.data["study_id"], stage, message)
+                emit({"type": "stage", "key": key, "state": "failed", "error": message})
+                skip_dependents(key)
+                continue
+            if key not in logged:
+                tracker.log_stage(parent, record.data["study_id"], result, store.stage_dir(stage.kind, key), False)
+            states[key] = "executed"
+            record.set_stage(key, "executed")
+            emit({"type": "stage", "key": key, "state": "executed", "metrics": result.get("metrics", {})})
+            for dep in graph.dependents(key):
+                waiting[dep] -= 1
+                if waiting[dep] == 0 and states[dep] == "pending":
+                    submit(dep)
     except KeyboardInterrupt:
-        for ref in running:
-            ray.cancel(ref, force=True)
-        for key in running.values():
-            record.set_stage(key, "pending")
+        executor.cancel()
+        for key, state in states.items():
+            if state == "running":
+                record.set_stage(key, "pending")
         return "interrupted"
     return "failed" if any(s in ("failed", "skipped") for s in states.values()) else "succeeded"
 

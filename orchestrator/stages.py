@@ -1,8 +1,9 @@
 """What each stage kind does, run inside a Ray worker (or inline in tests).
 
-Each `run_*` reads its inputs from the artifact store by key, computes, and
-writes its outputs (tensors, a `result.json` with params and metrics, PNGs)
-as one atomic stage directory. The driver logs what is in `result.json` and
+Each `run_*` rebuilds its typed config (`stage.typed_config()`), reads its
+named inputs from the artifact store by key, computes, and writes its outputs
+(tensors, a `result.json` with params and metrics, PNGs) as one atomic stage
+directory. The driver logs what is in `result.json` and
 the listed artifacts to MLflow, so workers never talk to the tracking server.
 """
 
@@ -17,12 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from distill_core.data import BiasedDataset, build_biased_dataset, load_source
-from distill_core.evaluation import EvalConfig, evaluate_synthetic
+from distill_core.data import BiasedDataset, load_source
+from distill_core.evaluation import evaluate_synthetic
 from distill_core.guidance import PTMGuidance, PTMPool
-from distill_core.methods import DistillConfig, RealData, SyntheticSet, get_method
+from distill_core.methods import RealData, SyntheticSet, get_method
 from distill_core.networks import build_network
-from distill_core.ptm import PTMConfig, train_ptm
+from distill_core.ptm import train_ptm
+from distill_core.runtime import Runtime
 from distill_core.utils import set_threads
 from orchestrator.graph import Stage
 from orchestrator.store import ArtifactStore, tensors_to_bytes
@@ -86,12 +88,11 @@ def counts_csv(counts: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run_dataset(stage: Stage, store: ArtifactStore, device: torch.device) -> dict:
+def run_dataset(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     started = time.time()
-    cfg = stage.config
-    source = load_source(cfg["source"], root=stage.runtime.get("data_root"))
-    ds = build_biased_dataset(source, cfg["bias"], cfg["aligned_ratio"], cfg["severity"], seed=cfg["seed"],
-                              max_per_class=cfg["max_per_class"], val_fraction=cfg["val_fraction"])
+    cfg = stage.typed_config()
+    source = load_source(cfg.source, root=stage.runtime.get("data_root"))
+    ds = cfg.build(source)
     counts = ds.counts()
     meta = {**ds.meta, "source_checksum": source.checksum()}
     files = {"dataset.pt": tensors_to_bytes(ds.to_tensors()), "counts.json": _json(counts),
@@ -109,22 +110,20 @@ def load_dataset(store: ArtifactStore, key: str) -> BiasedDataset:
 
 # --- PTM pool member ----------------------------------------------------------------------------
 
-def run_ptm(stage: Stage, store: ArtifactStore, device: torch.device) -> dict:
+def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     started = time.time()
-    cfg = stage.config
-    ds = load_dataset(store, stage.inputs[0])
-    real = RealData.from_dataset(ds, device)
+    cfg = stage.typed_config()
+    ds = load_dataset(store, stage.inputs["dataset"])
+    real = RealData.from_dataset(ds, runtime.torch_device)
     val_x, val_y = ds.val_split()
-    val = (real.norm.apply(val_x).to(device), val_y.to(device))
-    result = train_ptm(real, PTMConfig(arch=cfg["arch"], arch_options=cfg["arch_options"], seed=cfg["seed"],
-                                       epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
-                                       keep_epochs=cfg["keep_epochs"]), val=val)
+    val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device))
+    result = train_ptm(real, cfg, val=val, runtime=runtime)
     flat = {f"{epoch}/{name}": t for epoch, sd in result.checkpoints.items() for name, t in sd.items()}
     last = result.history[-1]
     files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": _json(result.history)}
     return _finish(store, stage, files, {"train_acc": last["train_acc"], "val_acc": last.get("val_acc"),
                                          "train_loss": last["train_loss"]},
-                   ["history.json"], {"epochs": sorted(result.checkpoints), "norm": real.norm.__dict__}, started)
+                   ["history.json"], {"epochs": sorted(result.checkpoints)}, started)
 
 
 def load_checkpoints(store: ArtifactStore, key: str) -> dict[int, dict[str, torch.Tensor]]:
@@ -138,23 +137,22 @@ def load_checkpoints(store: ArtifactStore, key: str) -> dict[int, dict[str, torc
 
 # --- distillation -------------------------------------------------------------------------------
 
-def build_guidance(store: ArtifactStore, cfg: dict, real: RealData, device: torch.device) -> PTMGuidance | None:
-    """The frozen PTM pool a distillation samples from: chosen checkpoints of every input PTM."""
-    g = cfg["guidance"]
-    if g["kind"] == "none":
+def build_guidance(store: ArtifactStore, stage: Stage, real: RealData) -> PTMGuidance | None:
+    """The frozen PTM pool a distillation samples from: the chosen checkpoints of every input PTM."""
+    g = stage.typed_config().guidance
+    if g is None:
         return None
     pool = PTMPool()
-    for key, arch_label in g["arch_labels"].items():
-        ptm_cfg = store.read_json("ptm", key, RESULT)["config"]
+    for key in stage.inputs["ptms"]:
+        ptm = store.read_json("ptm", key, RESULT)
+        cfg = ptm["config"]
         checkpoints = load_checkpoints(store, key)
-        epochs = g["checkpoint_epochs"] or [max(checkpoints)]
-        for epoch in epochs:
+        for epoch in g.checkpoint_epochs or [max(checkpoints)]:
             ptm_classes = checkpoints[epoch]["classifier.weight"].shape[0]  # a cross-domain PTM has its own classes
-            model = build_network(ptm_cfg["arch"], real.shape[0], ptm_classes, real.shape[-1], **ptm_cfg["arch_options"])
+            model = build_network(cfg["arch"], real.shape[0], ptm_classes, real.shape[-1], **cfg["arch_options"])
             model.load_state_dict(checkpoints[epoch])
-            pool.add(arch_label, model.to(device))
-    return PTMGuidance(g["kind"], pool, g["alpha"], real=real if g["kind"] == "cclom" else None,
-                       real_batch=g["real_batch"])
+            pool.add(ptm["coords"]["arch"], model.to(real.device))
+    return PTMGuidance(g, pool, real=real if g.kind == "cclom" else None)
 
 
 def synthetic_grid(syn: SyntheticSet, ipc: int) -> torch.Tensor:
@@ -164,19 +162,14 @@ def synthetic_grid(syn: SyntheticSet, ipc: int) -> torch.Tensor:
     return make_grid(images, nrow=max(1, min(ipc, 20)) if ipc > 1 else 10, padding=1)
 
 
-def run_distill(stage: Stage, store: ArtifactStore, device: torch.device) -> dict:
+def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     started = time.time()
-    cfg = stage.config
-    ds = load_dataset(store, stage.inputs[0])
-    real = RealData.from_dataset(ds, device)
-    dcfg = DistillConfig(ipc=cfg["ipc"], iterations=cfg["iterations"], lr_img=cfg["lr_img"], arch=cfg["arch"],
-                         arch_options=cfg["arch_options"], batch_real=cfg["batch_real"], init=cfg["init"],
-                         dsa=cfg["dsa"], seed=cfg["seed"], extra=dict(cfg["extra"]))
-    guidance = build_guidance(store, cfg, real, device)
-    kwargs = {}
-    if cfg["method"] == "mtt":
-        kwargs["experts"] = [load_checkpoints(store, k) for k in cfg["trajectories"]]
-    syn = get_method(cfg["method"])(real, dcfg, guidance=guidance, **kwargs)
+    cfg = stage.typed_config()
+    ds = load_dataset(store, stage.inputs["dataset"])
+    real = RealData.from_dataset(ds, runtime.torch_device)
+    experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
+    syn = get_method(cfg.method).distill(real, cfg, runtime, guidance=build_guidance(store, stage, real),
+                                         experts=experts or None)
     history = syn.history
     metrics = {"n_images": len(syn.labels)}
     if history:
@@ -186,37 +179,38 @@ def run_distill(stage: Stage, store: ArtifactStore, device: torch.device) -> dic
     if syn.lr is not None:
         metrics["synthetic_lr"] = syn.lr
     files = {"synthetic.pt": tensors_to_bytes(syn.to_tensors()), "history.json": _json(history),
-             "synthetic_grid.png": png_bytes(synthetic_grid(syn, cfg["ipc"]))}
+             "synthetic_grid.png": png_bytes(synthetic_grid(syn, cfg.ipc))}
     return _finish(store, stage, files, metrics, ["synthetic_grid.png", "history.json"],
                    {"synthetic_meta": syn.meta()}, started)
 
 
-def load_synthetic(store: ArtifactStore, key: str) -> SyntheticSet:
+def load_synthetic(store: ArtifactStore, key: str, ds: BiasedDataset) -> SyntheticSet:
+    """A stored synthetic set, in the normalisation of the dataset variant it was distilled from."""
     meta = store.read_json("distill", key, RESULT)["synthetic_meta"]
-    return SyntheticSet.from_tensors(store.read_tensors("distill", key, "synthetic.pt"), meta)
+    return SyntheticSet.from_tensors(store.read_tensors("distill", key, "synthetic.pt"), meta, ds.normalization)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
 
 def summarise(runs: list[dict]) -> dict:
+    """Mean (and std of the accuracy) over evaluation networks; `accs` keeps every network's accuracy."""
     def stat(name, fn):
         vals = np.array([r[name] for r in runs], dtype=float)
         vals = vals[np.isfinite(vals)]
         return float(fn(vals)) if len(vals) else math.nan
-    out = {"acc_mean": stat("acc", np.mean), "acc_std": stat("acc", np.std), "n_repeats": len(runs)}
+    out = {"acc_mean": stat("acc", np.mean), "acc_std": stat("acc", np.std), "n_repeats": len(runs),
+           "accs": [float(r["acc"]) for r in runs]}
     for name in ("acc_unbiased", "acc_aligned", "acc_conflicting", "val_acc"):
         out[f"{name}_mean"] = stat(name, np.mean)
     return out
 
 
-def run_evaluate(stage: Stage, store: ArtifactStore, device: torch.device) -> dict:
+def run_evaluate(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     started = time.time()
-    cfg = stage.config
-    syn = load_synthetic(store, stage.inputs[0])
-    ds = load_dataset(store, stage.inputs[1])
-    ecfg = EvalConfig(arch=cfg["arch"], arch_options=cfg["arch_options"], epochs=cfg["epochs"], lr=cfg["lr"],
-                      batch_size=cfg["batch_size"], dsa=cfg["dsa"], checkpoints=cfg["checkpoints"], seed=cfg["seed"])
-    runs = evaluate_synthetic(syn, ds, ecfg, cfg["repeats"], device=device)
+    cfg = stage.typed_config()
+    ds = load_dataset(store, stage.inputs["dataset"])
+    syn = load_synthetic(store, stage.inputs["synthetic"], ds)
+    runs = evaluate_synthetic(syn, ds, cfg, runtime)
     summary = summarise(runs)
     per_class = np.array([r["per_class"] for r in runs], dtype=float).mean(axis=0).tolist()
     files = {"repeats.json": _json(runs), "per_class_accuracy.json": _json(
@@ -227,13 +221,13 @@ def run_evaluate(stage: Stage, store: ArtifactStore, device: torch.device) -> di
                    {"summary": summary}, started)
 
 
-RUNNERS: dict[str, Callable[[Stage, ArtifactStore, torch.device], dict]] = {
+RUNNERS: dict[str, Callable[[Stage, ArtifactStore, Runtime], dict]] = {
     "dataset": run_dataset, "ptm": run_ptm, "distill": run_distill, "evaluate": run_evaluate,
 }
 
 
-def execute_stage(stage: Stage, store_root: str, cpus: float, gpus: float) -> dict:
-    """Entry point of a stage task: threads and device from the task's resources."""
+def execute_stage(stage: Stage, store_root: str, cpus: float, gpus: float, runtime: dict | None = None) -> dict:
+    """Entry point of a stage task: threads and device from the task's resources, the study's runtime settings."""
     set_threads(cpus)
-    device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
-    return RUNNERS[stage.kind](stage, ArtifactStore(store_root), device)
+    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    return RUNNERS[stage.kind](stage, ArtifactStore(store_root), Runtime(**{**(runtime or {}), "device": device}))

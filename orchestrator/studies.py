@@ -16,7 +16,8 @@ from orchestrator.errors import UserError
 from orchestrator.store import ArtifactStore, atomic_write_json
 
 RESULT_KEYS = ("dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch")
-RESULT_VALUES = ("acc_mean", "acc_std", "acc_unbiased", "acc_aligned", "acc_conflicting", "n_repeats")
+# coordinates that tell rows apart beyond RESULT_KEYS; the distillation seed is averaged over instead
+ROW_EXTRAS = ("iterations", "lr_img", "options", "eval_protocol")
 
 
 class StudyRecord:
@@ -80,20 +81,40 @@ def load_study(store: ArtifactStore, study_id: str) -> dict:
 
 
 def study_results(store: ArtifactStore, record: dict) -> list[dict]:
-    """One row per evaluation stage that finished: grid coordinates and accuracy summary."""
-    rows = []
+    """One row per evaluated setting: grid coordinates and accuracy over distillation seeds x networks.
+
+    Evaluation stages that differ only in their distillation seed are one row:
+    `acc_mean` / `acc_std` are over every network of every distillation (as
+    upstream reports mean +- std over experiments x evaluation models), with
+    `n_distillations` and `n_repeats` (networks per distillation).
+    """
+    groups: dict[str, list[dict]] = {}
     for key, st in record["stages"].items():
         if st["kind"] != "evaluate" or st["state"] not in ("executed", "cached"):
             continue
         result = store.read_json("evaluate", key, "result.json")
-        coords, summary = result["coords"], result["summary"]
-        row = {k: coords.get(k) for k in RESULT_KEYS}
-        row.update(iterations=coords.get("iterations"), lr_img=coords.get("lr_img"))
-        row.update({
-            "acc_mean": summary["acc_mean"], "acc_std": summary["acc_std"],
-            "acc_unbiased": summary.get("acc_unbiased_mean"),
-            "acc_aligned": summary.get("acc_aligned_mean"), "acc_conflicting": summary.get("acc_conflicting_mean"),
-            "n_repeats": summary["n_repeats"],
-        })
-        rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in (*RESULT_KEYS, "iterations", "lr_img")))
+        coords = result["coords"]
+        row_key = json.dumps([coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)], sort_keys=True, default=str)
+        groups.setdefault(row_key, []).append(result)
+    rows = [_row(results) for results in groups.values()]
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in (*RESULT_KEYS, *ROW_EXTRAS)))
+
+
+def _row(results: list[dict]) -> dict:
+    coords = results[0]["coords"]
+    summaries = [r["summary"] for r in results]
+    accs = [a for s in summaries for a in s["accs"]]
+
+    def mean_of(name: str) -> float | None:
+        vals = [s[name] for s in summaries if s.get(name) is not None and math.isfinite(s[name])]
+        return sum(vals) / len(vals) if vals else None
+
+    row = {k: coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)}
+    mean = sum(accs) / len(accs)
+    row.update({
+        "acc_mean": mean, "acc_std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),
+        "acc_unbiased": mean_of("acc_unbiased_mean"), "acc_aligned": mean_of("acc_aligned_mean"),
+        "acc_conflicting": mean_of("acc_conflicting_mean"),
+        "n_distillations": len(results), "n_repeats": summaries[0]["n_repeats"],
+    })
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

@@ -83,6 +83,7 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
             assert math.isfinite(row[k]), (k, row)
         assert row["acc_mean"] > 0.3, row
     assert {r["guidance"] for r in rows} == {"none", "clom:pool:a0.1"}
+    assert {r["eval_protocol"] for r in rows} == {"dsa:color_crop_cutout_scale_rotate/30ep"}
 
     # the same spec again: nothing executes, everything is cached, no duplicate child runs
     second = submit_study(spec, SPEC, store_root=str(tmp_path / "store"), tracking_uri=uri)
@@ -99,25 +100,26 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
 
 
 def test_failed_stage_skips_dependents_and_is_reported(ray_session, tmp_path, monkeypatch):
-    """A stage that raises fails alone; its dependents are skipped; the study says so."""
+    """A stage that raises in its Ray worker fails alone; its dependents are skipped; the study says so."""
     from orchestrator.runner import submit_study
     from orchestrator.spec import parse_spec
 
     monkeypatch.chdir(tmp_path)
     data = yaml.safe_load(SPEC)
     data["name"] = "e2e-fail"
-    data["ptm_pools"] = []
-    data["distillation"]["guidance"] = ["none"]
-    # nine 2x2 poolings cannot fit a 28x28 image: the distillation stage raises at run time
-    data["distillation"]["arch"] = {"name": "convnet", "width": 16, "depth": 9}
+    data["ptm_pools"] = [{"name": "experts", "dataset": "cdigits", "recipe": "expert", "epochs": 2,
+                          "architectures": [{"name": "convnet", "width": 16}]}]
+    data["distillation"].update(methods=["dm", "mtt"], guidance=["none"], trajectories="experts",
+                                options={"mtt": {"expert_epochs": 5}})  # more epochs than the experts have
     spec = parse_spec(data)
     out = submit_study(spec, yaml.safe_dump(data), store_root=str(tmp_path / "store"),
                        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert out.state == "failed"
-    assert out.counts["failed"] == 1 and out.counts["skipped"] == 2 and out.counts["executed"] == 1
+    # dataset, expert, dm + its 2 evaluations run; mtt fails; its 2 evaluations are skipped
+    assert out.counts["failed"] == 1 and out.counts["skipped"] == 2 and out.counts["executed"] == 5
     failed = [v for v in out.errors.values() if not v.startswith("input ")]
     skipped = [v for v in out.errors.values() if v.startswith("input ")]
-    assert len(failed) == 1 and "Error" in failed[0] and len(skipped) == 2
+    assert failed == ["ValueError: no expert has checkpoints e and e + 5 with e < 20"] and len(skipped) == 2
 
 
 MIXED = """
@@ -127,7 +129,7 @@ datasets:
   - {name: digits, source: digits, bias: none}
   - {name: fmnist, source: fashion_mnist, bias: none, max_per_class: 40, distill: false}
 ptm_pools:
-  - {name: experts, dataset: digits, architectures: [{name: convnet, width: 8}], seeds: [0], epochs: 3}
+  - {name: experts, dataset: digits, recipe: expert, architectures: [{name: convnet, width: 8}], seeds: [0], epochs: 3}
   - {name: fashion, dataset: fmnist, architectures: [{name: convnet, width: 8}, mlp], seeds: [0], epochs: 2,
      checkpoint_epochs: [1, 2]}
 distillation:
@@ -137,7 +139,7 @@ distillation:
   arch: {name: convnet, width: 8}
   batch_real: 16
   trajectories: experts
-  extra: {syn_steps: 2, expert_epochs: 1, max_start_epoch: 2, batch_syn: 10}
+  options: {mtt: {syn_steps: 2, expert_epochs: 1, max_start_epoch: 2, batch_syn: 10}}
   guidance: [none, {kind: cclom, pool: fashion, alpha: {convnet-width8: 1.0, mlp: 0.5}, real_batch: 64}]
 evaluation:
   architectures: [{name: convnet, width: 8}]

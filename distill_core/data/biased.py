@@ -7,23 +7,45 @@ One object holds everything a study needs from a dataset variant:
 - test_unbiased: the official test split at p = 0.1 (uniform attributes), which
   also gives accuracy on aligned vs conflicting samples;
 - val_index: a stratified (class x attribute) held-out part of train, used only
-  for model selection during evaluation, never for distillation.
+  for model selection during evaluation, never for distillation;
+- normalization: fitted on the distillation split (train minus validation),
+  per-channel standardisation or ZCA whitening (`DatasetConfig.zca`).
 Images stay uint8 (lossless for both protocols, 1/4 of float32 storage).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 
+from distill_core.config import Config
 from distill_core.data.bias import assign_attributes, own_attribute, per_class_counts
 from distill_core.data.colored import colorize
 from distill_core.data.sources import SourceData
+from distill_core.sets import Normalization
 
 NUM_ATTRIBUTES = 10  # ten colours (CMNIST-DD) or ten corruptions (CCIFAR10-DD)
 UNBIASED_RATIO = 0.1  # p = 1/K is exactly uniform for K = 10 attributes
 BUILDER_VERSION = 1  # bump when a builder's output changes, to invalidate caches
+
+
+class DatasetConfig(Config):
+    """One dataset variant: a source biased at one aligned ratio and severity."""
+
+    source: str
+    bias: Literal["colored", "corrupted", "none"] = "colored"
+    aligned_ratio: float = Field(default=0.95, ge=0.0, le=1.0)
+    severity: int = Field(default=1, ge=0, le=4)  # 0 only for bias "none"
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    max_per_class: int | None = Field(default=None, ge=1, le=10**7)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    zca: bool = False  # ZCA-whiten (MTT's CIFAR setting) instead of per-channel standardisation
+
+    def build(self, source: SourceData) -> "BiasedDataset":
+        return build_biased_dataset(source, **self.model_dump(exclude={"source"}))
 
 
 def _corrupt(images, attrs, severity, generator):
@@ -53,6 +75,7 @@ class BiasedDataset:
     unbiased_labels: torch.Tensor
     unbiased_attrs: torch.Tensor
     val_index: torch.Tensor  # indices into train held out for model selection
+    normalization: Normalization
     meta: dict = field(default_factory=dict)
 
     TENSOR_FIELDS = (
@@ -61,22 +84,12 @@ class BiasedDataset:
     )
 
     @property
-    def channels(self) -> int:
-        return int(self.train_images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_images.shape[-1])
-
-    @property
     def has_bias(self) -> bool:
         return self.bias != "none"
 
     def distill_index(self) -> torch.Tensor:
         """Training indices available to distillation and PTMs (train minus validation)."""
-        keep = torch.ones(len(self.train_labels), dtype=torch.bool)
-        keep[self.val_index] = False
-        return torch.nonzero(keep).squeeze(1)
+        return torch.nonzero(outside(len(self.train_labels), self.val_index)).squeeze(1)
 
     def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.distill_index()
@@ -101,14 +114,22 @@ class BiasedDataset:
         return out
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self.TENSOR_FIELDS}
+        return {**{k: getattr(self, k) for k in self.TENSOR_FIELDS}, **self.normalization.to_tensors()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "BiasedDataset":
         return cls(
             name=meta["name"], bias=meta["bias"], num_classes=meta["num_classes"],
+            normalization=Normalization.from_stored(meta["normalization"], tensors),
             meta=meta, **{k: tensors[k] for k in cls.TENSOR_FIELDS},
         )
+
+
+def outside(n: int, index: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the n positions not in `index`."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[index] = False
+    return keep
 
 
 def _cap_per_class(images, labels, cap: int | None, num_classes: int):
@@ -141,6 +162,7 @@ def build_biased_dataset(
     seed: int = 0,
     max_per_class: int | None = None,
     val_fraction: float = 0.1,
+    zca: bool = False,
 ) -> BiasedDataset:
     """Build one dataset variant. Deterministic for (source, bias, p, severity, seed)."""
     g = torch.Generator().manual_seed(seed)
@@ -163,21 +185,22 @@ def build_biased_dataset(
         te_x = build(te_x, te_a, severity, g)
         un_y = te_y
     val_index = stratified_holdout(tr_y, tr_a, val_fraction, g)
+    norm = Normalization.fit(tr_x[outside(len(tr_y), val_index)], zca=zca)
     meta = {
         "name": source.name, "bias": bias, "num_classes": k, "num_attributes": NUM_ATTRIBUTES,
         "aligned_ratio": aligned_ratio, "severity": severity, "seed": seed,
         "max_per_class": max_per_class, "val_fraction": val_fraction,
-        "builder_version": BUILDER_VERSION,
+        "builder_version": BUILDER_VERSION, "normalization": norm.meta(),
     }
     ds = BiasedDataset(
         name=source.name, bias=bias, num_classes=k,
         train_images=tr_x.contiguous(), train_labels=tr_y, train_attrs=tr_a,
         test_images=te_x.contiguous(), test_labels=te_y, test_attrs=te_a,
         unbiased_images=un_x.contiguous(), unbiased_labels=un_y, unbiased_attrs=un_a,
-        val_index=val_index, meta=meta,
+        val_index=val_index, normalization=norm, meta=meta,
     )
     ds.meta["counts"] = ds.counts()
     return ds
 
 
-__all__ = ["BiasedDataset", "build_biased_dataset", "own_attribute", "stratified_holdout"]
+__all__ = ["BiasedDataset", "DatasetConfig", "build_biased_dataset", "own_attribute", "stratified_holdout"]

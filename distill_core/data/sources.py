@@ -37,14 +37,6 @@ class SourceData:
     test_labels: torch.Tensor
     num_classes: int
 
-    @property
-    def channels(self) -> int:
-        return int(self.train_images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_images.shape[-1])
-
     def checksum(self) -> str:
         """Content hash of all four tensors: the source part of a dataset's cache key."""
         h = hashlib.sha256(self.name.encode())
@@ -202,15 +194,37 @@ def _torchvision_source(name: str, root: str | None, download: bool) -> SourceDa
     )
 
 
-SOURCES: dict[str, Callable[..., SourceData]] = {
-    "digits": lambda root=None, download=True: load_digits(),
-    **{
-        n: (lambda root=None, download=True, _n=n: _torchvision_source(_n, root, download))
-        for n in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
-    },
-}
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the rest of the library needs to know about a source before loading it."""
 
-GRAYSCALE_SOURCES = {"digits", "mnist", "fashion_mnist"}
+    name: str
+    load: Callable[..., SourceData]
+    channels: int
+    image_size: int
+    num_classes: int
+    # digits change meaning when mirrored: upstream DSA drops `flip` for MNIST and SVHN
+    digits: bool = False
+    # upstream DC evaluates MNIST sets with its crop/scale/rotate augmentation (utils.get_daparam)
+    mnist_like: bool = False
+
+    @property
+    def grayscale(self) -> bool:
+        return self.channels == 1
+
+
+def _torchvision(name: str) -> Callable[..., SourceData]:
+    return lambda root=None, download=True: _torchvision_source(name, root, download)
+
+
+SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
+    SourceInfo("digits", lambda root=None, download=True: load_digits(), 1, 28, 10, digits=True, mnist_like=True),
+    SourceInfo("mnist", _torchvision("mnist"), 1, 28, 10, digits=True, mnist_like=True),
+    SourceInfo("fashion_mnist", _torchvision("fashion_mnist"), 1, 28, 10),
+    SourceInfo("cifar10", _torchvision("cifar10"), 3, 32, 10),
+    SourceInfo("cifar100", _torchvision("cifar100"), 3, 32, 100),
+    SourceInfo("svhn", _torchvision("svhn"), 3, 32, 10, digits=True),
+)}
 
 
 def downloads_allowed() -> bool:
@@ -222,4 +236,4 @@ def load_source(name: str, root: str | None = None, download: bool | None = None
     download = downloads_allowed() if download is None else download
     if name not in SOURCES:
         raise DatasetUnavailable(f"unknown source '{name}' (known: {', '.join(sorted(SOURCES))})")
-    return SOURCES[name](root=root, download=download)
+    return SOURCES[name].load(root=root, download=download)

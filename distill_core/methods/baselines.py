@@ -12,6 +12,9 @@
   upper-bound reference; IPC is ignored.
 
 No optimisation happens, so `guidance` is ignored and `history` stays empty.
+They are evaluated with the DSA protocol (DSA augmentation, 1000 epochs), the
+one DSA, DM and MTT sets get, so a method's improvement over the random
+subset compares like with like (DD-Ranking's point).
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from distill_core.methods.base import DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet
+from distill_core.methods.base import DistillConfig
+from distill_core.methods.registry import Method, dsa_protocol, register
 from distill_core.networks import build_network
+from distill_core.runtime import DEFAULT_RUNTIME, Runtime
+from distill_core.sets import RealData, SyntheticSet
 
 
 def _subset(real: RealData, index: torch.Tensor) -> SyntheticSet:
     return SyntheticSet(real.images[index].clone(), real.labels[index].clone(), real.norm)
 
 
-def distill_random(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-                   progress: ProgressFn | None = None) -> SyntheticSet:
+def distill_random(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RUNTIME, guidance=None,
+                   experts=None, progress=None) -> SyntheticSet:
     g = torch.Generator().manual_seed(cfg.seed)
     picks = [idx[torch.randperm(len(idx), generator=g)[:cfg.ipc].to(idx.device)] for idx in real.class_index]
     return _subset(real, torch.cat(picks))
@@ -55,8 +61,8 @@ def herding(features: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
-def distill_herding(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-                    progress: ProgressFn | None = None, model: nn.Module | None = None) -> SyntheticSet:
+def distill_herding(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RUNTIME, guidance=None,
+                    experts=None, progress=None, model: nn.Module | None = None) -> SyntheticSet:
     if model is None:
         torch.manual_seed(cfg.seed)
         model = build_network(cfg.arch, real.shape[0], real.num_classes, real.shape[-1], **cfg.arch_options)
@@ -71,6 +77,16 @@ def distill_herding(real: RealData, cfg: DistillConfig, guidance: Guidance | Non
     return _subset(real, torch.cat(picks))
 
 
-def distill_whole(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-                  progress: ProgressFn | None = None) -> SyntheticSet:
+def distill_whole(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RUNTIME, guidance=None,
+                  experts=None, progress=None) -> SyntheticSet:
     return _subset(real, torch.arange(len(real.labels), device=real.device))
+
+
+def _baseline(name: str, fn, summary: str) -> Method:
+    return register(Method(name=name, distill=fn, iterations=0, lr_img=0.0, init="real", augment=False,
+                           evaluation=dsa_protocol, optimises_images=False, summary=summary))
+
+
+_baseline("random", distill_random, "a random real subset of IPC images per class")
+_baseline("herding", distill_herding, "herding coreset on a network's embeddings (Welling 2009)")
+_baseline("whole", distill_whole, "the whole training split (upper-bound reference)")

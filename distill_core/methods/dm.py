@@ -7,9 +7,13 @@ through the network in one batch (per-class means come from a reshape and an
 index_add), with class-wise siamese augmentation parameters, so the objective
 is the same while the convolutions run on large batches.
 
-Note: with BatchNorm networks the batched forward shares batch statistics
-across classes, unlike upstream's per-class forward. The default ConvNet uses
-instance norm, where the two are identical.
+Evaluation protocol (main_DM.py): DSA augmentation, 1000 epochs.
+
+Deviations from upstream: with BatchNorm networks the batched forward shares
+batch statistics across classes, unlike upstream's per-class forward (the
+default ConvNet uses instance norm, where the two are identical); randomness
+comes from one seeded generator. The real batch's embedding runs in chunks,
+compiled on long CPU runs (`distill_core.methods.engines.RealEmbedder`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from __future__ import annotations
 import torch
 
 from distill_core.augment import SiameseAugment
-from distill_core.compiled import MaybeCompiled, compile_wanted
-from distill_core.methods.base import (DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet, init_synthetic,
-                                       log_iteration)
+from distill_core.methods.base import DistillConfig, Guidance, ProgressFn, init_synthetic, log_iteration
+from distill_core.methods.engines import RealEmbedder, embed_no_grad
+from distill_core.methods.registry import Method, dsa_protocol, register
 from distill_core.networks import build_network
-from distill_core.tiling import samples_independent
+from distill_core.runtime import DEFAULT_RUNTIME, Runtime
+from distill_core.sets import RealData, SyntheticSet
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -31,40 +36,6 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts[:, None]
 
 
-def embed_no_grad(net, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return net.embed(x)
-
-
-class RealEmbedder:
-    """The real-batch embedding in cache-sized chunks, optionally through torch.compile.
-
-    CPU levers measured by benchmarks/methods.py (part c) on ConvNet-128 with
-    2560 images: running the no-grad forward in chunks of CHUNK_CPU images
-    keeps the norm/activation/pool passes in cache (about 2x), and
-    torch.compile fuses them (about 2x); outputs agree to ~1e-5 relative.
-    Chunks are only used for networks that treat samples independently (a
-    BatchNorm network in train mode normalises over the whole batch). The
-    first compiled call costs ~10-20 s, so "auto" compiles only CPU runs of at
-    least COMPILE_MIN_ITERATIONS; cfg.extra["compile_embed"] = True/False
-    forces it. channels_last was measured slower on CPU and is not used.
-    """
-
-    COMPILE_MIN_ITERATIONS = 1000
-    CHUNK_CPU = 32
-
-    def __init__(self, cfg: DistillConfig, device: torch.device):
-        use = compile_wanted(cfg.extra.get("compile_embed", "auto"), device, cfg.iterations,
-                             self.COMPILE_MIN_ITERATIONS)
-        self.fn = MaybeCompiled(embed_no_grad, use, dynamic=False)  # fixed chunk shapes
-
-    def __call__(self, net, x: torch.Tensor) -> torch.Tensor:
-        chunk = self.CHUNK_CPU if x.device.type == "cpu" and samples_independent(net) else None
-        if chunk is None or len(x) <= chunk:
-            return self.fn(net, x)
-        return torch.cat([self.fn(net, x[i:i + chunk]) for i in range(0, len(x), chunk)])
-
-
 def dm_loss(net, x_real, y_real, x_syn, y_syn, num_classes: int, embed_real=embed_no_grad) -> torch.Tensor:
     with torch.no_grad():
         mean_real = class_means(embed_real(net, x_real), y_real, num_classes)
@@ -72,17 +43,17 @@ def dm_loss(net, x_real, y_real, x_syn, y_syn, num_classes: int, embed_real=embe
     return ((mean_real - mean_syn) ** 2).sum()
 
 
-def distill_dm(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-               progress: ProgressFn | None = None) -> SyntheticSet:
+def distill_dm(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RUNTIME,
+               guidance: Guidance | None = None, experts=None, progress: ProgressFn | None = None) -> SyntheticSet:
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # network initialisations
     syn = init_synthetic(real, cfg, g)
     x_syn = syn.images.requires_grad_(True)
     opt = torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=0.5)
-    augment = SiameseAugment(cfg.dsa_strategy) if cfg.dsa else None
+    augment = SiameseAugment(cfg.augment) if cfg.augment else None
     channels, size = real.shape[0], real.shape[-1]
     k = real.num_classes
-    embed_real = RealEmbedder(cfg, real.device)
+    embed_real = RealEmbedder.from_runtime(runtime, cfg.iterations, k * cfg.batch_real)
 
     for it in range(cfg.iterations):
         net = build_network(cfg.arch, channels, k, size, **cfg.arch_options).to(real.device)
@@ -107,3 +78,8 @@ def distill_dm(real: RealData, cfg: DistillConfig, guidance: Guidance | None = N
 
     syn.images = x_syn.detach()
     return syn
+
+
+register(Method(
+    name="dm", distill=distill_dm, iterations=20000, lr_img=1.0, init="real", augment=True,
+    evaluation=dsa_protocol, summary="distribution matching (Zhao & Bilen 2023)"))

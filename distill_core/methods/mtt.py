@@ -11,21 +11,24 @@ with respect to the synthetic images (SGD, momentum 0.5, lr_img) and the
 learning rate (SGD, momentum 0.5, lr_lr). The student is the architecture's
 module run through `torch.func.functional_call` on a list of parameter tensors.
 Experts are a list of trajectories, each a dict epoch -> state_dict, exactly
-`distill_core.ptm.train_ptm(...).checkpoints`; only entries that are
-parameters of the network are matched (buffers such as BN running statistics
-are taken from the start checkpoint and not matched).
+`distill_core.ptm.train_ptm(...).checkpoints` of a pool trained with the
+"expert" recipe (upstream buffer.py: plain SGD, DSA augmentation, a checkpoint
+per epoch); only entries that are parameters of the network are matched
+(buffers such as BN running statistics come from the start checkpoint).
 
-Method options in `cfg.extra` (upstream defaults: the published CIFAR-10 IPC 10
-setting): syn_steps N = 30, expert_epochs M = 2, max_start_epoch = 20,
-lr_lr = 1e-5, lr_teacher (initial synthetic lr) = 0.01, batch_syn = the whole
-synthetic set, memory_bounded = False, memory_mode = "exact".
+Options (`MTTOptions`; defaults: the published CIFAR-10 IPC 10 setting):
+syn_steps N = 30, expert_epochs M = 2, max_start_epoch = 20, lr_lr = 1e-5,
+lr_teacher (initial synthetic lr) = 0.01, batch_syn = the whole synthetic
+set, gradient = "exact" (or "tesla", below). Evaluation protocol
+(distill.py): DSA augmentation, 1000 epochs, with the learned lr.
 
-Memory. The default unrolls all N student steps in one autograd graph, as
+Memory. By default all N student steps are unrolled in one autograd graph, as
 upstream: memory grows linearly with N (every step's activations and
-second-order graph are kept). `memory_bounded=True` computes the same
-gradients with at most ONE step's graph alive at a time:
+second-order graph are kept). The runtime's `memory_bounded` computes the
+same exact gradient with at most ONE step's graph alive at a time, and the
+option gradient = "tesla" a different, constant-memory one:
 
-- memory_mode "exact" (reverse-mode adjoint with recomputation). A forward
+- exact, memory-bounded (reverse-mode adjoint with recomputation). A forward
   pass without graphs records theta_0..theta_{N-1} (parameter tensors only, no
   activations) and each step's batch indices and augmentation seed. Then, from
   the adjoint a_N = dL/dtheta_N, for i = N-1 .. 0: rebuild step i's graph
@@ -36,7 +39,7 @@ gradients with at most ONE step's graph alive at a time:
   check it against the full unroll); activation memory is one step's,
   independent of N; the stored parameter snapshots cost N x |theta| (1.3 MB per
   step for ConvNet-128 on 28x28, against tens of MB of activations per step).
-- memory_mode "tesla" (Cui et al., ICML 2023). A first pass without graphs
+- gradient "tesla" (Cui et al., ICML 2023). A first pass without graphs
   gives theta_N and a_N; a second pass replays the steps from theta_0 (same
   batches and seeds), rebuilds one step's graph at a time and accumulates
   dL/dX += -lr * d<a_N, g_i>/dX and dL/dlr += -<a_N, g_i>. Memory is constant
@@ -46,33 +49,40 @@ gradients with at most ONE step's graph alive at a time:
   decomposition as exact, but it is this first-order approximation.
 Soft labels (TESLA's label learning) are not implemented.
 
-Deviations from upstream: randomness comes from one seeded generator; the
-student's DSA augmentation draws parameters (and, in mode "S", the transform
-family) per sample; no ZCA whitening (the project's normalisation is used);
-the synthetic lr is stored in `SyntheticSet.lr` for evaluation.
+Deviations from upstream: randomness comes from one seeded generator; ZCA
+whitening is a dataset option (`zca: true`, as upstream's CIFAR runs), not
+the default; the synthetic lr is stored in `SyntheticSet.lr` for evaluation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 from torch.func import functional_call
 
 from distill_core.augment import SiameseAugment
-from distill_core.methods.base import (DistillConfig, Guidance, ProgressFn, RealData, SyntheticSet, init_synthetic,
-                                       log_iteration)
+from distill_core.methods.base import DistillConfig, Guidance, ProgressFn, init_synthetic, log_iteration
+from distill_core.methods.registry import Method, Options, dsa_protocol, register
 from distill_core.networks import build_network
+from distill_core.runtime import DEFAULT_RUNTIME, Runtime
+from distill_core.sets import RealData, SyntheticSet
 
 Trajectory = dict[int, dict[str, torch.Tensor]]  # epoch -> state_dict
 
-EXTRA_DEFAULTS = {
-    "syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5, "lr_teacher": 0.01,
-    "batch_syn": None, "memory_bounded": False, "memory_mode": "exact",
-}
-DEFAULTS = {"mtt": {"iterations": 5000, "lr_img": 1000.0, "init": "real", "dsa": True}}
+
+class MTTOptions(Options):
+    syn_steps: int = Field(default=30, ge=1, le=10_000)
+    expert_epochs: int = Field(default=2, ge=1, le=10_000)
+    max_start_epoch: int = Field(default=20, ge=1, le=10_000)
+    lr_lr: float = Field(default=1e-5, ge=0, le=1e3)
+    lr_teacher: float = Field(default=0.01, gt=0, le=1e3)  # the synthetic lr's initial value
+    batch_syn: int | None = Field(default=None, ge=1, le=1_000_000)  # None: the whole synthetic set
+    gradient: Literal["exact", "tesla"] = "exact"
 
 
 @dataclass
@@ -103,8 +113,8 @@ class Student:
 
     def batch(self, x_syn: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         x = x_syn[plan.index]
-        if self.augment is not None:
-            x = self.augment(x, plan.seed, torch.arange(len(x), device=x.device), len(x))
+        if self.augment is not None:  # upstream: non-siamese DiffAugment, parameters per sample
+            x = self.augment.per_sample(x, plan.seed)
         return x
 
     def loss(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -188,7 +198,7 @@ def bounded_gradients(student: Student, x_syn, y_syn, syn_lr, start, target, pla
             dlr += glr
             theta = [p - lr * g for p, g in zip(theta, grads)]
     else:
-        raise ValueError(f"unknown memory_mode '{mode}' (exact | tesla)")
+        raise ValueError(f"unknown gradient '{mode}' (exact | tesla)")
     return loss.detach(), dx, dlr
 
 
@@ -198,43 +208,44 @@ def start_epochs(trajectory: Trajectory, expert_epochs: int, max_start_epoch: in
     return sorted(e for e in trajectory if e < max_start_epoch and e + expert_epochs in trajectory)
 
 
-def distill_mtt(real: RealData, cfg: DistillConfig, guidance: Guidance | None = None,
-                progress: ProgressFn | None = None, experts: list[Trajectory] | None = None) -> SyntheticSet:
+def distill_mtt(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RUNTIME,
+                guidance: Guidance | None = None, experts: list[Trajectory] | None = None,
+                progress: ProgressFn | None = None) -> SyntheticSet:
     if not experts:
         raise ValueError("MTT needs expert trajectories (a list of {epoch: state_dict})")
-    opts = {**EXTRA_DEFAULTS, **cfg.extra}
-    expert_epochs, max_start = int(opts["expert_epochs"]), int(opts["max_start_epoch"])
-    starts = [start_epochs(t, expert_epochs, max_start) for t in experts]
+    opts = MTTOptions(**cfg.options)
+    starts = [start_epochs(t, opts.expert_epochs, opts.max_start_epoch) for t in experts]
     if not any(starts):
-        raise ValueError(f"no expert has checkpoints e and e + {expert_epochs} with e < {max_start}")
+        raise ValueError(f"no expert has checkpoints e and e + {opts.expert_epochs} with e < {opts.max_start_epoch}")
     usable = [i for i, s in enumerate(starts) if s]
 
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     syn = init_synthetic(real, cfg, g)
     x_syn = syn.images.requires_grad_(True)
-    syn_lr = torch.tensor(float(opts["lr_teacher"]), device=real.device, requires_grad=True)
+    syn_lr = torch.tensor(opts.lr_teacher, device=real.device, requires_grad=True)
     opt_img = torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=0.5)
-    opt_lr = torch.optim.SGD([syn_lr], lr=float(opts["lr_lr"]), momentum=0.5)
-    augment = SiameseAugment(cfg.dsa_strategy) if cfg.dsa else None
+    opt_lr = torch.optim.SGD([syn_lr], lr=opts.lr_lr, momentum=0.5)
+    augment = SiameseAugment(cfg.augment) if cfg.augment else None
     net = build_network(cfg.arch, real.shape[0], real.num_classes, real.shape[-1], **cfg.arch_options)
     student = Student(net.to(real.device).train(), augment)
     n_syn = len(syn.labels)
-    batch_syn = int(opts["batch_syn"] or n_syn)
+    batch_syn = opts.batch_syn or n_syn
+    # the exact gradient unrolled (upstream) or memory-bounded (runtime); TESLA's is always bounded
+    bounded = opts.gradient == "tesla" or runtime.memory_bounded
 
     for it in range(cfg.iterations):
         e = usable[int(torch.randint(len(usable), (1,), generator=g))]
         t = starts[e][int(torch.randint(len(starts[e]), (1,), generator=g))]
         start = student.params_from(experts[e][t], real.device)
         student.load_buffers(experts[e][t])
-        target = student.params_from(experts[e][t + expert_epochs], real.device)
-        plans = plan_steps(n_syn, int(opts["syn_steps"]), batch_syn, real.device, g)
+        target = student.params_from(experts[e][t + opts.expert_epochs], real.device)
+        plans = plan_steps(n_syn, opts.syn_steps, batch_syn, real.device, g)
 
         opt_img.zero_grad(set_to_none=True)
         opt_lr.zero_grad(set_to_none=True)
-        if opts["memory_bounded"]:
-            loss, dx, dlr = bounded_gradients(student, x_syn, syn.labels, syn_lr, start, target, plans,
-                                              str(opts["memory_mode"]))
+        if bounded:
+            loss, dx, dlr = bounded_gradients(student, x_syn, syn.labels, syn_lr, start, target, plans, opts.gradient)
             x_syn.grad, syn_lr.grad = dx, dlr
         else:
             loss = unrolled_loss(student, x_syn, syn.labels, syn_lr, start, target, plans)
@@ -251,3 +262,9 @@ def distill_mtt(real: RealData, cfg: DistillConfig, guidance: Guidance | None = 
     syn.images = x_syn.detach()
     syn.lr = float(syn_lr.detach())
     return syn
+
+
+register(Method(
+    name="mtt", distill=distill_mtt, iterations=5000, lr_img=1000.0, init="real", augment=True,
+    evaluation=dsa_protocol, options=MTTOptions, needs_experts=True,
+    summary="matching training trajectories (Cazenavette et al. 2022) on an expert pool"))

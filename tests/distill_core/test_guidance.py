@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
-from distill_core.guidance import PTMGuidance, PTMPool, clom_loss, cclom_loss
-from distill_core.methods.base import Normalization, RealData
+from distill_core.guidance import GuidanceConfig, PTMGuidance, PTMPool, cclom_loss, clom_loss, missing_alpha
 from distill_core.networks import Classifier
+from distill_core.sets import Normalization, RealData
 
 
 class TinyNet(Classifier):
@@ -112,7 +113,7 @@ def test_guidance_scales_by_alpha_per_architecture():
     pool.add("a", model_a)
     pool.add("b", model_b)
     assert not any(p.requires_grad for p in model_a.parameters())  # frozen
-    guidance = PTMGuidance("clom", pool, {"a": 2.0, "b": 10.0})
+    guidance = PTMGuidance(GuidanceConfig(kind="clom", alpha={"a": 2.0, "b": 10.0}), pool)
     x, y = small_data()
     seen = set()
     for seed in range(20):
@@ -129,7 +130,7 @@ def test_cclom_guidance_uses_a_real_batch_with_replacement():
     model = TinyNet(seed=2)
     pool.add("tiny", model)
     real = real_data()
-    guidance = PTMGuidance("cclom", pool, 3.0, real=real, real_batch=7)
+    guidance = PTMGuidance(GuidanceConfig(kind="cclom", alpha=3.0, real_batch=7), pool, real=real)
     x_syn, y_syn = small_data(seed=3)
     g = torch.Generator().manual_seed(0)
     value = float(guidance.loss(x_syn, y_syn, g))
@@ -144,9 +145,45 @@ def test_cclom_guidance_uses_a_real_batch_with_replacement():
 def test_guidance_validates_its_inputs():
     pool = PTMPool()
     with pytest.raises(ValueError):
-        PTMGuidance("clom", pool, 1.0)  # empty pool
+        PTMGuidance(GuidanceConfig(kind="clom"), pool)  # empty pool
     pool.add("tiny", TinyNet())
     with pytest.raises(ValueError):
-        PTMGuidance("cclom", pool, 1.0)  # CCLoM without real data
-    with pytest.raises(ValueError):
-        PTMGuidance("other", pool, 1.0)
+        PTMGuidance(GuidanceConfig(kind="cclom"), pool)  # CCLoM without real data
+    with pytest.raises(ValidationError):
+        GuidanceConfig(kind="other")
+    with pytest.raises(ValidationError):
+        GuidanceConfig(kind="clom", real_batch=0)
+    with pytest.raises(ValidationError):
+        GuidanceConfig(kind="clom", alpha=float("nan"))
+    assert GuidanceConfig(kind="clom").alpha == 1.0 and GuidanceConfig(kind="cclom").real_batch == 8196
+
+
+def two_arch_pool() -> PTMPool:
+    pool = PTMPool()
+    pool.add("a", TinyNet(seed=0))
+    pool.add("b", TinyNet(seed=1))
+    return pool
+
+
+def test_an_alpha_mapping_that_misses_a_pool_architecture_is_refused():
+    with pytest.raises(ValueError, match="alpha gives no weight to pool architecture\\(s\\) b"):
+        PTMGuidance(GuidanceConfig(kind="clom", alpha={"a": 2.0}), two_arch_pool())
+    with pytest.raises(ValueError, match="a, b"):
+        PTMGuidance(GuidanceConfig(kind="clom", alpha={"c": 2.0}), two_arch_pool())
+    assert missing_alpha({"a": 1.0}, ["b", "a", "c"]) == ["b", "c"]
+    assert missing_alpha({"a": 1.0, "default": 0.5}, ["b", "a"]) == []
+    assert missing_alpha(2.0, ["b", "a"]) == []
+
+
+def test_the_default_alpha_covers_the_architectures_a_mapping_leaves_out():
+    pool = two_arch_pool()
+    guidance = PTMGuidance(GuidanceConfig(kind="clom", alpha={"a": 2.0, "default": 5.0}), pool)
+    assert guidance.alpha_for("a") == 2.0 and guidance.alpha_for("b") == 5.0
+    x, y = small_data()
+    seen = set()
+    for seed in range(20):
+        arch, model = pool.sample(torch.Generator().manual_seed(seed))
+        value = float(guidance.loss(x, y, torch.Generator().manual_seed(seed)))
+        assert value == pytest.approx({"a": 2.0, "b": 5.0}[arch] * hand_clom(model, x, y), rel=1e-5)
+        seen.add(arch)
+    assert seen == {"a", "b"}

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.spec import load_spec, parse_spec
+from orchestrator.spec import MAX_SPEC_BYTES, load_spec, parse_spec
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
@@ -19,11 +19,15 @@ BASE = {
 }
 
 
-def errors_of(mutate) -> list[str]:
+def spec_of(mutate=lambda d: None):
     data = copy.deepcopy(BASE)
     mutate(data)
+    return parse_spec(data)
+
+
+def errors_of(mutate) -> list[str]:
     with pytest.raises(UserError) as exc:
-        parse_spec(data)
+        spec_of(mutate)
     return exc.value.lines
 
 
@@ -34,17 +38,19 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_valid_spec_defaults():
-    spec = parse_spec(BASE)
+    spec = spec_of()
     assert spec.tracking.uri == "sqlite:///mlflow.db"
     assert spec.store.root == "./ddray-store"
     assert spec.distillation.iterations == [5]  # scalars become one-point grids
+    assert spec.distillation.seeds == [0]
     assert spec.study_id.startswith("t-")
 
 
-def test_spec_hash_ignores_resources_and_tracking():
-    a = parse_spec(BASE)
-    b = parse_spec({**BASE, "resources": {"distill": {"cpus": 2}}, "tracking": {"uri": "sqlite:///x.db"}})
-    c = parse_spec({**BASE, "seed": 1})
+def test_spec_hash_ignores_resources_runtime_and_tracking():
+    a = spec_of()
+    b = spec_of(lambda d: d.update(resources={"distill": {"cpus": 2}}, tracking={"uri": "sqlite:///x.db"},
+                                   runtime={"matching": "loop", "compile": False, "tile": 0}))
+    c = spec_of(lambda d: d.update(seed=1))
     assert a.study_id == b.study_id != c.study_id
 
 
@@ -55,26 +61,46 @@ def test_spec_hash_ignores_resources_and_tracking():
      "evaluation.architectures[1].name: unknown architecture 'resnet19' (did you mean 'resnet18'?)"),
     (lambda d: d["distillation"].update(methods=["dmm"]),
      "distillation.methods[0]: unknown method 'dmm' (did you mean 'dm'?)"),
-    (lambda d: d["datasets"][0].update(aligned_ratios=[1.5]),
-     "datasets[0].aligned_ratios[0]: must be within [0, 1], got 1.5"),
-    (lambda d: d["datasets"][0].update(severities=[7]), "datasets[0].severities[0]: must be one of 1, 2, 3, 4, got 7"),
-    (lambda d: d["ptm_pools"][0].update(dataset="dd"), "ptm_pools[0].dataset: unknown dataset 'dd' (did you mean 'd'?)"),
-    (lambda d: d["distillation"]["guidance"][1].update(pool="q"),
-     "distillation.guidance[1].pool: unknown ptm pool 'q' (known: p)"),
+    (lambda d: d["datasets"][0].update(aligned_ratios=[1.5]), "datasets[0].aligned_ratios[0]: must be <= 1.0"),
+    (lambda d: d["datasets"][0].update(severities=[7]), "datasets[0].severities[0]: must be 1, 2, 3 or 4, got 7"),
+    (lambda d: d["datasets"][0].update(source="cifar1"),
+     "datasets[0].source: unknown source 'cifar1' (did you mean 'cifar10'?)"),
     (lambda d: d.update(version=2), "version: must be 1, got 2"),
     (lambda d: d.pop("datasets"), "datasets: field required"),
     (lambda d: d["evaluation"].update(repeats=0), "evaluation.repeats: must be >= 1"),
     (lambda d: d["evaluation"].update(architectures=[{"name": "convnet", "widht": 3}]),
      "evaluation.architectures[0].widht: unknown key (did you mean 'width'?)"),
-    (lambda d: d["distillation"].update(extra={"matching": "fast"}),
-     "distillation.extra.matching: must be one of batched, tiled, loop, got 'fast'"),
+    (lambda d: d.update(runtime={"matching": "fast"}),
+     "runtime.matching: must be 'auto', 'batched', 'tiled' or 'loop', got 'fast'"),
+    (lambda d: d.update(runtime={"device": "cuda"}), "runtime: device: set by resources.<kind>.gpus, not here"),
     (lambda d: d["datasets"][0].update(source="cifar10"),
      "datasets[0]: bias 'colored' needs a grayscale source (digits, fashion_mnist, mnist)"),
+    (lambda d: d["distillation"]["guidance"][1].update(kind="clom", pool=None),
+     "distillation.guidance[1]: guidance 'clom' needs a ptm pool (set pool: NAME)"),
+    (lambda d: d["distillation"].update(iterations="many"),
+     "distillation.iterations[0]: input should be a valid integer, unable to parse string as an integer"),
 ])
 def test_bad_spec_messages_name_the_field(mutate, expected):
     lines = errors_of(mutate)
     assert all("\n" not in line for line in lines)
     assert expected in lines, lines
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["distillation"].update(lr_img=float("nan")), "distillation.lr_img[0]: must be a finite number, got nan"),
+    (lambda d: d["evaluation"].update(lr=float("inf")), "evaluation.lr: must be a finite number, got inf"),
+    (lambda d: d["distillation"].update(ipc=[10**8]), "distillation.ipc[0]: must be <= 100000"),
+    (lambda d: d["distillation"].update(arch={"name": "convnet", "width": 10**8}),
+     "distillation.arch.width: must be <= 4096"),
+    (lambda d: d["evaluation"].update(epochs=10**9), "evaluation.epochs: must be <= 100000"),
+    (lambda d: d["ptm_pools"][0].update(seeds=[-1]), "ptm_pools[0].seeds[0]: must be >= 0"),
+    (lambda d: d.update(name="x" * 300), "name: too long (at most 64 characters)"),
+    (lambda d: d.update(name="../escape"),
+     "name: use letters, digits, '.', '_' and '-' only, starting with a letter or digit"),
+    (lambda d: d["distillation"].update(ipc=list(range(1, 1002))), "distillation.ipc: too many entries (at most 1000)"),
+])
+def test_hostile_numbers_and_names_are_refused(mutate, expected):
+    assert expected in errors_of(mutate)
 
 
 def test_every_problem_is_reported_once_per_line():
@@ -84,6 +110,7 @@ def test_every_problem_is_reported_once_per_line():
     lines = errors_of(two_problems)
     assert "distillation.ipc[0]: must be >= 1" in lines
     assert "evaluation.epochs: must be >= 1" in lines
+    assert len(lines) == len(set(lines))
 
 
 def test_yaml_syntax_error_is_one_line(tmp_path):
@@ -91,27 +118,36 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     p.write_text("version: 1\nname: [unclosed\n")
     with pytest.raises(UserError) as exc:
         load_spec(p)
-    assert len(exc.value.lines) == 1 and "YAML syntax error" in exc.value.lines[0]
+    assert len(exc.value.lines) == 1 and "YAML error" in exc.value.lines[0]
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("version: 1\nname: a\nname: b\ndatasets: []\n")
+    with pytest.raises(UserError) as exc:
+        load_spec(p)
+    assert exc.value.lines == [f"{p}:3:1: YAML error: duplicate key 'name'"]
+
+
+def test_oversized_spec_file_is_refused(tmp_path):
+    p = tmp_path / "big.yaml"
+    p.write_text("version: 1\n# " + "x" * MAX_SPEC_BYTES + "\n")
+    with pytest.raises(UserError, match="spec too large"):
+        load_spec(p)
+
+
+def test_alias_bomb_is_bounded(tmp_path):
+    """Aliases are shared objects in YAML; a nest of them must not expand into the hash or a grid."""
+    lines = ["version: 1", "name: bomb", "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as exc:
+        load_spec(p)
+    assert any("a0: unknown key" in line for line in exc.value.lines)
 
 
 def test_missing_spec_file(tmp_path):
     with pytest.raises(UserError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
-
-
-def test_guidance_pool_must_see_the_targets_image_shape():
-    def cross_domain(d):
-        d["datasets"].append({"name": "f", "source": "fashion_mnist", "bias": "none", "distill": False})
-        d["ptm_pools"].append({"name": "fp", "dataset": "f", "architectures": ["convnet"]})
-        d["distillation"]["guidance"] = [{"kind": "cclom", "pool": "fp"}]
-    assert "distillation.guidance[0]: pool 'fp' sees 1x28x28 images but the targets are 3x28x28" in errors_of(cross_domain)
-
-
-def test_mtt_needs_a_trajectory_pool_keeping_every_epoch():
-    lines = errors_of(lambda d: d["distillation"].update(methods=["mtt"]))
-    assert "distillation.trajectories: method 'mtt' needs a ptm pool of expert trajectories" in lines
-
-    def pinned(d):
-        d["distillation"].update(methods=["mtt"], trajectories="p")
-        d["ptm_pools"][0]["checkpoint_epochs"] = [3]
-    assert "distillation.trajectories: pool 'p' must keep every epoch (leave checkpoint_epochs unset)" in errors_of(pinned)

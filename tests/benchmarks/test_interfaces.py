@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -29,3 +29,16 @@ def test_methods_benchmark_smoke_prints_its_json_interface():
     assert result["matching_identical"] and result["evaluation_identical"]
     assert set(result["matching_modes"]) == {"loop", "batched", "tiled", "tiled_compiled"}
     assert result["budget"] == "smoke" and result["data"] == "digits"
+
+
+@pytest.mark.slow
+def test_fidelity_benchmark_smoke_prints_rows_for_every_method_and_the_random_baseline():
+    env = {**os.environ, "DDRAY_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "benchmarks/fidelity.py", "--smoke", "--json", "--threads", "1"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    rows = {(r["method"], r["ipc"]) for r in result["results"]}
+    assert rows == {(m, i) for m in ("dc", "dsa", "dm", "mtt", "random") for i in (1, 10)} | {("whole", None)}
+    for r in result["results"]:
+        assert {"method", "ipc", "acc_mean", "acc_std", "budget"} <= set(r) and 0.0 <= r["acc_mean"] <= 1.0
+    assert set(result["checks"]) == {"ipc10_beats_ipc1", "ior_ipc10", "all_hold"}

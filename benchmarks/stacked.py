@@ -10,10 +10,12 @@ augmentation seeds, so the result equals training them one at a time with
 decay is elementwise, so one optimiser over the stacked tensors is exactly M
 independent optimisers.
 
-Training semantics are those of `distill_core.evaluation.train_and_evaluate`
-(SGD momentum 0.9, weight decay 5e-4, batch 256, lr x0.1 from epoch E//2 + 1,
-one augmentation draw per batch when cfg.dsa) without the validation
-checkpoints: both functions return the networks after the last epoch.
+Training semantics follow the evaluation protocol (SGD momentum 0.9, weight
+decay 5e-4, batch 256, lr x0.1 from epoch E//2 + 1, augmentation with
+parameters per sample when cfg.augment) without the validation checkpoints:
+both functions return the networks after the last epoch. Benchmark-only code
+(benchmarks/methods.py times it); the library's CUDA engine is
+`distill_core.grouped`.
 
 BatchNorm networks train in train mode with per-network running statistics
 (the stacked buffers are updated inside vmap).
@@ -26,7 +28,7 @@ GroupNorm backward into decomposed elementwise ops and stacked convolutions
 into grouped ones, while a single network already keeps one core busy.
 `distill_core.evaluation` trains one network at a time on CPU and the folded
 grouped network (`distill_core.grouped`) on CUDA; this module is the
-reference stacking form the benchmark compares against.
+stacking form the benchmark compares against.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from distill_core.augment import SiameseAugment
+from distill_core.augment import make_augmentation
 from distill_core.evaluation import EvalConfig
 from distill_core.networks import build_network
 
@@ -77,7 +79,7 @@ def train_one(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg:
               seed: int, lr: float = 0.01) -> nn.Module:
     """The reference: one network, its own generator, the evaluation protocol's schedule."""
     g = torch.Generator().manual_seed(seed)
-    augment = SiameseAugment(cfg.dsa_strategy) if cfg.dsa else None
+    augment = make_augmentation(cfg.augment)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(labels)
     model.train()
@@ -89,7 +91,7 @@ def train_one(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg:
             idx = perm[i:i + cfg.batch_size]
             x = images[idx]
             if augment is not None:
-                x = augment(x, int(torch.randint(2**31 - 1, (1,), generator=g)))
+                x = augment.per_sample(x, int(torch.randint(2**31 - 1, (1,), generator=g)))
             loss = F.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,7 +151,7 @@ def train_stacked(models_or_factory: Sequence[nn.Module] | ModelFactory, images:
     stacked.base.train()
     params = list(stacked.params.values())
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    augment = SiameseAugment(cfg.dsa_strategy) if cfg.dsa else None
+    augment = make_augmentation(cfg.augment)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     n = len(labels)
     for epoch in range(1, cfg.epochs + 1):
@@ -160,7 +162,7 @@ def train_stacked(models_or_factory: Sequence[nn.Module] | ModelFactory, images:
             idx = perms[:, i:i + cfg.batch_size]
             x = images[idx]  # (M, B, C, H, W)
             if augment is not None:
-                x = torch.stack([augment(x[m], int(torch.randint(2**31 - 1, (1,), generator=g)))
+                x = torch.stack([augment.per_sample(x[m], int(torch.randint(2**31 - 1, (1,), generator=g)))
                                  for m, g in enumerate(gens)])
             logits = stacked.forward(x)
             # sum of the per-network mean losses: network m's gradient is exactly its own

@@ -1,0 +1,219 @@
+"""Checks across fields of a validated spec, each a `Problem` naming its path.
+
+- references resolve: pools name datasets, guidance and trajectories name pools,
+  pinned pool variants exist, a method's needs (expert trajectories) are met;
+- each method's options are valid grids of its own typed options model;
+- every architecture can be built for the images it will see (on the meta
+  device: a ResNet with `width`, a ConvNet too deep for 28x28 are refused here,
+  not in a worker), guidance PTMs see the targets' image shape, CLoM's PTMs
+  predict the targets' classes, an alpha mapping covers its pool;
+- augmentation names parse.
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError, create_model
+
+from distill_core.augment import SiameseAugment
+from distill_core.data.sources import SOURCES
+from distill_core.guidance import missing_alpha
+from distill_core.methods import METHODS, EvalProtocol, Options
+from distill_core.methods.registry import evaluation_augment
+from distill_core.networks import ARCHITECTURES, check_network, unknown_options
+from orchestrator.spec import MAX_GRID, ArchSpec, DatasetSpec, Strict, StudySpec, _as_list
+from orchestrator.spec_errors import Problem, problems_from, suggest
+
+
+def check_spec(spec: StudySpec) -> list[Problem]:
+    return [*_references(spec), *_options(spec), *_augmentations(spec), *_networks(spec)]
+
+
+# --- method options ---------------------------------------------------------------------------------
+
+def options_grid_model(options: type[Options]) -> type[Strict]:
+    """A model with every option of `options` as an optional grid axis of the same constrained type."""
+    fields: dict[str, Any] = {}
+    for name, info in options.model_fields.items():
+        item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        axis = Annotated[list[item], BeforeValidator(_as_list), Field(min_length=1, max_length=MAX_GRID)]
+        fields[name] = (axis | None, None)
+    return create_model(f"{options.__name__}Grid", __base__=Strict, **fields)
+
+
+def option_grid(method: str, raw: dict) -> dict[str, list]:
+    """The spec's option axes for `method` (validated; unset options are left to the method's defaults)."""
+    model = options_grid_model(METHODS[method].options)
+    return {k: v for k, v in model.model_validate(raw).model_dump().items() if v is not None}
+
+
+def option_points(method: str, raw: dict) -> list[dict]:
+    """Every combination of the option axes: one options dict per distillation stage."""
+    axes = option_grid(method, raw)
+    return [dict(zip(axes, values)) for values in product(*axes.values())]
+
+
+def _options(spec: StudySpec) -> list[Problem]:
+    out: list[Problem] = []
+    for method, raw in spec.distillation.options.items():
+        loc = ("distillation", "options", method)
+        model = options_grid_model(METHODS[method].options)
+        try:
+            model.model_validate(raw)
+        except ValidationError as exc:
+            out += problems_from(exc, model, loc, unknown="option")
+            continue
+        if method not in spec.distillation.methods:
+            out.append(Problem(loc, f"method '{method}' is not in distillation.methods"))
+        for point in option_points(method, raw):  # cross-field checks of the method's own model
+            try:
+                METHODS[method].options(**point)
+            except ValidationError as exc:
+                out += problems_from(exc, METHODS[method].options, loc, unknown="option")
+                break
+    return out
+
+
+# --- references ---------------------------------------------------------------------------------
+
+def _references(spec: StudySpec) -> list[Problem]:
+    out: list[Problem] = []
+    datasets = {d.name: d for d in spec.datasets}
+    pools = {p.name: p for p in spec.ptm_pools}
+    if len(datasets) != len(spec.datasets):
+        out.append(Problem(("datasets",), "names must be unique"))
+    if len(pools) != len(spec.ptm_pools):
+        out.append(Problem(("ptm_pools",), "names must be unique"))
+    if not any(d.distill for d in spec.datasets):
+        out.append(Problem(("datasets",), "at least one dataset must have distill: true"))
+    for i, pool in enumerate(spec.ptm_pools):
+        loc = ("ptm_pools", i)
+        ds = datasets.get(pool.dataset)
+        if ds is None:
+            out.append(Problem((*loc, "dataset"), f"unknown dataset '{pool.dataset}'{suggest(pool.dataset, datasets)}"))
+            continue
+        for j, e in enumerate(pool.checkpoint_epochs or []):
+            if e > pool.train_epochs:
+                out.append(Problem((*loc, "checkpoint_epochs", j), f"must be within [0, epochs={pool.train_epochs}], got {e}"))
+        if ds.bias == "none":
+            continue
+        if pool.aligned_ratio is not None and pool.aligned_ratio not in ds.aligned_ratios:
+            out.append(Problem((*loc, "aligned_ratio"), f"{pool.aligned_ratio} is not among datasets '{ds.name}' aligned_ratios"))
+        if pool.severity is not None and pool.severity not in ds.severities:
+            out.append(Problem((*loc, "severity"), f"{pool.severity} is not among datasets '{ds.name}' severities"))
+        pinned = pool.aligned_ratio is not None or pool.severity is not None
+        if pinned and ((pool.aligned_ratio is None and len(ds.aligned_ratios) > 1)
+                       or (pool.severity is None and len(ds.severities) > 1)):
+            out.append(Problem(loc, f"set both aligned_ratio and severity to pin one variant of '{ds.name}'"))
+        if not pinned and pool.dataset not in {d.name for d in spec.datasets if d.distill} and len(ds.variants()) > 1:
+            out.append(Problem(loc, f"dataset '{ds.name}' has several variants; pin aligned_ratio and severity"))
+
+    d = spec.distillation
+    targets = [ds for ds in spec.datasets if ds.distill]
+    for i, g in enumerate(d.guidance):
+        if g.kind == "none":
+            continue
+        loc = ("distillation", "guidance", i)
+        pool = pools.get(g.pool or "")
+        if pool is None:
+            out.append(Problem((*loc, "pool"), f"unknown ptm pool '{g.pool}'{suggest(g.pool or '', pools)}"))
+            continue
+        kept = pool.checkpoint_epochs
+        for j, e in enumerate(g.checkpoint_epochs or []):
+            if (kept is not None and e not in kept) or e > pool.train_epochs:
+                out.append(Problem((*loc, "checkpoint_epochs", j), f"pool '{pool.name}' keeps no checkpoint at epoch {e}"))
+        labels = {a.label for a in pool.architectures}
+        if isinstance(g.alpha, dict):
+            for arch in g.alpha:
+                if arch not in labels | {"default"}:
+                    out.append(Problem((*loc, "alpha", arch), f"not an architecture of pool '{pool.name}'{suggest(arch, labels)}"))
+            missing = missing_alpha(g.alpha, labels)
+            if missing:
+                out.append(Problem((*loc, "alpha"), f"no weight for pool architecture(s) {', '.join(missing)} "
+                                                    "(give each one, or a 'default')"))
+        source = datasets.get(pool.dataset)
+        if source is None:
+            continue
+        have = geometry(source)
+        want = {geometry(t) for t in targets}
+        if want != {have}:
+            out.append(Problem(loc, f"pool '{pool.name}' sees {_shape(have)} images but the targets are "
+                                    + ", ".join(_shape(w) for w in sorted(want))))
+        if g.kind == "clom" and any(SOURCES[t.source].num_classes != SOURCES[source.source].num_classes
+                                    for t in targets):
+            out.append(Problem(loc, f"CLoM needs a PTM with the target's classes; use cclom for pool '{pool.name}'"))
+
+    needing = [m for m in d.methods if METHODS[m].needs_experts]
+    if needing:
+        t = d.trajectories
+        loc = ("distillation", "trajectories")
+        if t is None:
+            out.append(Problem(loc, f"method '{needing[0]}' needs expert trajectories: a ptm pool with recipe: expert"))
+        elif t not in pools:
+            out.append(Problem(loc, f"unknown ptm pool '{t}'{suggest(t, pools)}"))
+        elif pools[t].recipe != "expert":
+            out.append(Problem(loc, f"pool '{t}' trains with recipe '{pools[t].recipe}'; "
+                                    f"method '{needing[0]}' needs recipe: expert (MTT's buffer recipe)"))
+        elif pools[t].checkpoint_epochs is not None:
+            out.append(Problem(loc, f"pool '{t}' must keep every epoch (leave checkpoint_epochs unset)"))
+    return out
+
+
+def geometry(ds: DatasetSpec) -> tuple[int, int]:
+    """(channels, image size) of a dataset's images after its bias builder (colouring makes 3 channels)."""
+    src = SOURCES[ds.source]
+    return (3 if ds.bias == "colored" else src.channels), src.image_size
+
+
+def _shape(g: tuple[int, int]) -> str:
+    return f"{g[0]}x{g[1]}x{g[1]}"
+
+
+# --- augmentation names -------------------------------------------------------------------------
+
+def _augmentations(spec: StudySpec) -> list[Problem]:
+    out = []
+    name = spec.distillation.augmentation
+    if name not in ("auto", "none"):
+        try:
+            SiameseAugment(name)
+        except ValueError as exc:
+            out.append(Problem(("distillation", "augmentation"), f"{exc} (or auto, none)"))
+    try:
+        evaluation_augment(spec.evaluation.augmentation, EvalProtocol(None, 1), SOURCES[spec.datasets[0].source])
+    except ValueError as exc:
+        out.append(Problem(("evaluation", "augmentation"), f"{exc} (or auto, none, dsa, dc)"))
+    return out
+
+
+# --- networks -----------------------------------------------------------------------------------
+
+def _networks(spec: StudySpec) -> list[Problem]:
+    """Build every (architecture, overrides, image geometry, classes) a stage will build, once each."""
+    datasets = {d.name: d for d in spec.datasets}
+    targets = [d for d in spec.datasets if d.distill]
+    uses: list[tuple[tuple, ArchSpec, DatasetSpec]] = []
+    uses += [(("distillation", "arch"), spec.distillation.arch, t) for t in targets]
+    uses += [(("evaluation", "architectures", i), a, t)
+             for i, a in enumerate(spec.evaluation.architectures) for t in targets]
+    for i, pool in enumerate(spec.ptm_pools):
+        if pool.dataset in datasets:
+            uses += [(("ptm_pools", i, "architectures", j), a, datasets[pool.dataset])
+                     for j, a in enumerate(pool.architectures)]
+    out, seen = [], {}
+    for loc, arch, ds in uses:
+        unknown = [o for o in sorted(arch.options) if o not in ARCHITECTURES[arch.name].options]
+        if unknown:
+            out += [Problem((*loc, o), m) for o, m in zip(unknown, unknown_options(arch.name, arch.options))]
+            continue
+        channels, size = geometry(ds)
+        classes = SOURCES[ds.source].num_classes
+        key = (arch.name, tuple(sorted(arch.options.items())), channels, size, classes)
+        if key not in seen:
+            seen[key] = check_network(arch.name, arch.options, channels, classes, size)
+        if seen[key] is not None:
+            out.append(Problem(loc, f"{arch.label} cannot take {_shape((channels, size))} images "
+                                    f"of dataset '{ds.name}' ({seen[key]})"))
+    return out
