@@ -32,6 +32,9 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 StoreOpt = typer.Option(None, "--store", help="Artifact store root (default: the spec's store.root, else ./ddray-store).")
+MaxStagesOpt = typer.Option(100_000, "--max-stages", min=1, help="Refuse a study whose grid expands to more stages.")
+# exit codes of a submit that did not succeed: failed stages 1, Ctrl-C 130, SIGTERM 143, cancelled 1
+EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 1, "interrupted": 130, "terminated": 143}
 
 
 def handles_errors(fn):
@@ -44,9 +47,11 @@ def handles_errors(fn):
             for line in exc.lines:
                 err.print(f"[red]error:[/red] {line}", markup=True, highlight=False)
             raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as exc:
+            from orchestrator.scheduler import Terminated
+
+            err.print("terminated" if isinstance(exc, Terminated) else "interrupted")
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug, not bad input: still one line unless debugging
@@ -67,13 +72,13 @@ def _store(path: Optional[str]):
 
 @study_app.command("validate")
 @handles_errors
-def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML).")):
+def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), max_stages: int = MaxStagesOpt):
     """Check a spec; print its stage counts. Exit 2 with one line per problem."""
     from orchestrator.graph import build_stage_graph
     from orchestrator.spec import load_spec
 
     s = load_spec(spec)
-    counts = build_stage_graph(s).counts()
+    counts = build_stage_graph(s, max_stages).counts()
     out.print(f"{spec}: valid (study {s.study_id}; stages: " +
               ", ".join(f"{k} {v}" for k, v in counts.items()) + ")", highlight=False)
 
@@ -88,7 +93,9 @@ def study_submit(
                                                help="Override the spec's tracking.uri."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                                           help="Ray cluster address (default: start a local Ray)."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the local Ray (default: all)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus",
+                                           help="CPUs for the local Ray (default: all this process may use)."),
+    max_stages: int = MaxStagesOpt,
 ):
     """Run a study: every stage not already in the store, in parallel on Ray."""
     from orchestrator.runner import submit_study
@@ -98,7 +105,7 @@ def study_submit(
     view = render.ProgressView(err)
     try:
         outcome = submit_study(s, Path(spec).read_text(), store_root=store, tracking_uri=tracking_uri,
-                               address=address, num_cpus=num_cpus, on_event=view)
+                               address=address, num_cpus=num_cpus, on_event=view, max_stages=max_stages)
     finally:
         view.stop()
     if outcome.results:
@@ -108,30 +115,41 @@ def study_submit(
     c = outcome.summary()["stages"]
     err.print(f"study {outcome.study_id} {outcome.state}: {c['total']} stages, {c['executed']} executed, "
               f"{c['cached']} cached, {c['failed']} failed or skipped", highlight=False)
+    for label, n in outcome.attempts.items():
+        err.print(f"retried: {label} took {n} attempts", highlight=False)
+    if outcome.tracking.get("not_logged"):
+        err.print(f"[yellow]tracking:[/yellow] {outcome.tracking['not_logged']} run(s) could not be logged; "
+                  f"the results are in the store: run `ddray study sync {outcome.study_id}`", highlight=False)
     if json_out:
         print(render.json_line(outcome.summary()))
     if outcome.state != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CODES.get(outcome.state, 1))
 
 
 @study_app.command("status")
 @handles_errors
 def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), store: Optional[str] = StoreOpt):
-    """State of a study and of its stages."""
-    from orchestrator.studies import load_study
+    """State of a study (running, succeeded, failed, interrupted, cancelled, abandoned) and of its stages."""
+    from orchestrator.studies import load_record
 
-    rec = load_study(_store(store), study_id)
+    rec = load_record(_store(store), study_id)
     summary = {"study_id": rec["study_id"], "state": rec["state"], "counts": rec["counts"],
                "attempts": rec.get("attempts", 1), "parent_run_id": rec.get("parent_run_id"),
-               "tracking_uri": rec.get("tracking_uri")}
+               "tracking_uri": rec.get("tracking_uri"), "store": rec.get("store_root"),
+               "drivers": [{k: d.get(k) for k in ("host", "pid", "state", "heartbeat")} for d in rec["drivers"]]}
     if json_out:
-        summary["stages"] = {k: {x: v.get(x) for x in ("kind", "label", "state", "error")} for k, v in rec["stages"].items()}
+        summary["stages"] = {k: {x: v.get(x) for x in ("kind", "label", "state", "error", "attempts")}
+                             for k, v in rec["stages"].items()}
         print(render.json_line(summary))
         return
     view = render.ProgressView(out)
     view.study_id, view.stages = rec["study_id"], rec["stages"]
-    out.print(f"study {rec['study_id']}: [bold]{rec['state']}[/bold] (attempt {summary['attempts']}, "
-              f"tracking {summary['tracking_uri']}, parent run {summary['parent_run_id']})")
+    out.print(f"study {rec['study_id']}: [bold]{rec['state']}[/bold] (submit {summary['attempts']}, "
+              f"tracking {summary['tracking_uri']}, parent run {summary['parent_run_id']})", highlight=False)
+    if rec["drivers"]:
+        d = rec["drivers"][-1]
+        out.print(f"last driver: {d.get('host')} pid {d.get('pid')}, {d.get('state')}, "
+                  f"heartbeat {render.ago(d.get('heartbeat'))}", highlight=False)
     out.print(view.render())
     for st in rec["stages"].values():
         if st.get("error"):
@@ -151,12 +169,45 @@ def study_list(json_out: bool = typer.Option(False, "--json"), store: Optional[s
     if json_out:
         print(render.json_line(rows))
         return
+    cols = ("study_id", "name", "state", "total", "executed", "cached", "reused", "failed", "skipped")
     table = Table(title="studies")
-    for c in ("study_id", "name", "state", "total", "executed", "cached", "failed", "skipped"):
+    for c in cols:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[str(r.get(c, 0)) for c in ("study_id", "name", "state", "total", "executed", "cached", "failed", "skipped")])
+        table.add_row(*[str(r.get(c, 0)) for c in cols])
     out.print(table)
+
+
+@study_app.command("cancel")
+@handles_errors
+def study_cancel(study_id: str, store: Optional[str] = StoreOpt):
+    """Ask a running study to stop: running stages are cancelled, finished ones stay in the store."""
+    from orchestrator.studies import request_cancel
+
+    rec = request_cancel(_store(store), study_id)
+    if rec["state"] != "running":
+        out.print(f"study {rec['study_id']} is {rec['state']}, not running; nothing to cancel", highlight=False)
+        return
+    out.print(f"study {rec['study_id']}: cancel requested; its driver stops within a few seconds", highlight=False)
+
+
+@study_app.command("sync")
+@handles_errors
+def study_sync(study_id: str, store: Optional[str] = StoreOpt,
+               tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                                          help="Tracking URI (default: the study's, as recorded)."),
+               json_out: bool = typer.Option(False, "--json")):
+    """Log to MLflow every finished stage that has no run yet (after a tracking outage)."""
+    from orchestrator.runner import sync_study
+
+    result = sync_study(_store(store), study_id, tracking_uri)
+    if json_out:
+        print(render.json_line(result))
+        return
+    out.print(f"study {result['study_id']}: {result['logged']} run(s) logged, {result['already_logged']} already "
+              f"there, {result['not_logged']} not logged (parent run {result['parent_run_id']})", highlight=False)
+    if result["not_logged"]:
+        raise typer.Exit(1)
 
 
 @study_app.command("results")
@@ -165,12 +216,12 @@ def study_results_cmd(study_id: str,
                       format: str = typer.Option("table", "--format", help="table | json | csv"),
                       store: Optional[str] = StoreOpt):
     """One row per (dataset, aligned_ratio, severity, method, ipc, guidance, eval_arch)."""
-    from orchestrator.studies import load_study, study_results
+    from orchestrator.studies import load_record, study_results
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format: must be table, json or csv, got '{format}'")
     st = _store(store)
-    rec = load_study(st, study_id)
+    rec = load_record(st, study_id)
     rows = study_results(st, rec)
     if format == "json":
         print(render.json_line(rows))
@@ -246,11 +297,11 @@ def ui(study_id: Optional[str] = typer.Argument(None, help="Open this study's tr
        port: int = typer.Option(5000, "--port"),
        store: Optional[str] = StoreOpt):
     """The MLflow UI on the study's tracking URI, bound to 127.0.0.1."""
-    from orchestrator.studies import load_study
+    from orchestrator.studies import load_record
 
     uri = tracking_uri
     if study_id:
-        uri = load_study(_store(store), study_id)["tracking_uri"]
+        uri = load_record(_store(store), study_id)["tracking_uri"]
     uri = uri or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"tracking uri '{uri}': no such database (run a study first)")

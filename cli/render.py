@@ -13,9 +13,18 @@ from rich.table import Table
 
 from orchestrator.graph import STAGE_KINDS
 
-STATES = ("pending", "running", "executed", "cached", "failed", "skipped")
-STATE_STYLE = {"pending": "dim", "running": "yellow", "executed": "green", "cached": "cyan",
+STATES = ("pending", "running", "executed", "cached", "reused", "failed", "skipped")
+STATE_STYLE = {"pending": "dim", "running": "yellow", "executed": "green", "cached": "cyan", "reused": "cyan",
                "failed": "red", "skipped": "magenta"}
+
+
+def ago(t: float | None) -> str:
+    import time
+
+    if not t:
+        return "never"
+    s = time.time() - t
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
 
 
 def fmt(v) -> str:
@@ -43,7 +52,9 @@ class ProgressView:
         if t == "start":
             self.study_id = event["study_id"]
             self.stages = {k: dict(v) for k, v in event["stages"].items()}
-            self.console.print(f"study [bold]{self.study_id}[/bold] (MLflow parent run {event['parent_run_id']})")
+            self.console.print(f"study [bold]{self.study_id}[/bold] (store {event.get('store')}, tracking "
+                               f"{event.get('tracking_uri')}, MLflow parent run {event['parent_run_id']})",
+                               highlight=False)
             self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
         elif t == "stage" and event["key"] in self.stages:

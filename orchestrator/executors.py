@@ -30,7 +30,10 @@ class Executor(Protocol):
 
     def running(self) -> int: ...
 
-    def cancel(self) -> None: ...
+    def cancel(self, key: str | None = None) -> None:
+        """Stop one stage (its outcome then arrives as an exception), or every stage."""
+
+    def why_pending(self, resources: StageResources) -> str: ...
 
 
 class InlineExecutor:
@@ -55,24 +58,34 @@ class InlineExecutor:
     def running(self) -> int:
         return len(self.queue)
 
-    def cancel(self) -> None:
-        self.queue.clear()
+    def cancel(self, key: str | None = None) -> None:
+        self.queue = deque(item for item in self.queue if key is not None and item[0].key != key)
+
+    def why_pending(self, resources: StageResources) -> str:
+        return "queued behind the stages before it (inline executor)"
 
 
 class RayExecutor:
-    """One Ray task per stage with the resources its kind declares."""
+    """One Ray task per stage with the resources its kind declares; Ray retries dead workers and nodes."""
 
     def __init__(self, store_root: str, runtime: dict):
         import ray
 
-        self.ray = ray
+        from orchestrator.spec import RETRYABLE
+
+        self.ray, self.retryable = ray, RETRYABLE
         self.store_root, self.runtime = store_root, runtime
-        self.remote = ray.remote(max_retries=0)(execute_stage)
+        self.remote = ray.remote(execute_stage)
         self.refs: dict = {}  # ObjectRef -> stage key
 
     def submit(self, stage: Stage, resources: StageResources) -> None:
-        ref = self.remote.options(num_cpus=resources.cpus, num_gpus=resources.gpus, name=stage.label[:120]).remote(
-            stage, self.store_root, resources.cpus, resources.gpus, self.runtime)
+        retry_on = [self.retryable[name] for name in resources.retry_on] or False
+        options = dict(num_cpus=resources.cpus, num_gpus=resources.gpus, name=stage.label[:120],
+                       max_retries=resources.retries, retry_exceptions=retry_on)
+        if resources.memory_gb:
+            options["memory"] = int(resources.memory_gb * 2**30)
+        ref = self.remote.options(**options).remote(stage, self.store_root, resources.cpus, resources.gpus,
+                                                    self.runtime)
         self.refs[ref] = stage.key
 
     def next_done(self, timeout: float) -> Outcome | None:
@@ -90,10 +103,35 @@ class RayExecutor:
     def running(self) -> int:
         return len(self.refs)
 
-    def cancel(self) -> None:
-        for ref in self.refs:
-            self.ray.cancel(ref, force=True)
-        self.refs.clear()
+    def cancel(self, key: str | None = None) -> None:
+        for ref, k in list(self.refs.items()):
+            if key is None or k == key:
+                self.ray.cancel(ref, force=True)
+        if key is None:
+            self.refs.clear()
+
+    def why_pending(self, resources: StageResources) -> str:
+        free = self.ray.available_resources()
+        return (f"it needs {resources.cpus:g} CPU / {resources.gpus:g} GPU on one node; the cluster has "
+                f"{free.get('CPU', 0):g} CPU / {free.get('GPU', 0):g} GPU free")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2/v1 CPU quota (containers)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        text = open("/sys/fs/cgroup/cpu.max").read().split()
+        if text[0] != "max":
+            quota = int(text[0]) / int(text[1])
+    except (OSError, IndexError, ValueError):
+        try:
+            q = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+            p = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+            quota = q / p if q > 0 and p > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(n, int(quota))) if quota else max(1, n)
 
 
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
@@ -108,8 +146,9 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         if address:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+            ray.init(num_cpus=num_cpus or available_cpus(), include_dashboard=False,
                      logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a local Ray"
         raise UserError(f"ray: cannot connect to cluster '{where}' ({str(exc).splitlines()[0][:160]})") from None
+    logging.getLogger("ray").setLevel(logging.WARNING)  # quiet start-up, then Ray's warnings reach the user

@@ -28,6 +28,7 @@ from distill_core.guidance import GuidanceConfig
 from distill_core.methods import METHODS, DistillConfig, Method
 from distill_core.methods.registry import dsa_strategy, evaluation_augment
 from distill_core.ptm import PTMConfig, recipe
+from orchestrator.errors import UserError
 from orchestrator.spec import DatasetSpec, GuidanceSpec, PTMPoolSpec, StudySpec
 from orchestrator.spec_checks import option_grid, option_points
 
@@ -35,6 +36,8 @@ from orchestrator.spec_checks import option_grid, option_points
 STAGE_VERSIONS = {"dataset": 3, "ptm": 2, "distill": 2, "evaluate": 2}
 STAGE_KINDS = tuple(STAGE_VERSIONS)
 CONFIGS = {"dataset": DatasetConfig, "ptm": PTMConfig, "distill": DistillConfig, "evaluate": EvalConfig}
+
+MAX_STAGES = 100_000  # a larger grid is refused (override: --max-stages); the graph is built in memory
 
 Inputs = dict[str, "str | list[str]"]  # role -> stage key(s), e.g. {"dataset": k, "ptms": [k1, k2]}
 
@@ -69,12 +72,16 @@ class Stage:
 @dataclass
 class StageGraph:
     stages: dict[str, Stage] = field(default_factory=dict)  # key -> stage, in topological order
+    max_stages: int | None = None
     _dependents: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, stage: Stage) -> Stage:
         # the same stage reached twice (e.g. a shared PTM) is one stage
         if stage.key in self.stages:
             return self.stages[stage.key]
+        if self.max_stages is not None and len(self.stages) >= self.max_stages:
+            raise UserError(f"distillation: the study's grid expands to more than {self.max_stages:,} stages "
+                            "(the limit; a larger study needs --max-stages)")
         self.stages[stage.key] = stage
         for k in stage.input_keys:
             self._dependents.setdefault(k, []).append(stage.key)
@@ -135,8 +142,8 @@ def evaluation_stages(spec: StudySpec, method: Method, distill: Stage, target: S
 
 # --- the whole graph ---------------------------------------------------------------------------
 
-def build_stage_graph(spec: StudySpec) -> StageGraph:
-    graph = StageGraph()
+def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> StageGraph:
+    graph = StageGraph(max_stages=max_stages)
     # PTM-source-only datasets (distill: false) enter the graph only when a pool uses them
     variants: dict[str, list[Stage]] = {
         ds.name: [dataset_stage(ds, p, s) for p, s in ds.variants()] for ds in spec.datasets}
@@ -164,6 +171,7 @@ def build_stage_graph(spec: StudySpec) -> StageGraph:
         strategy = {"auto": dsa_strategy(source), "none": None}.get(d.augmentation, d.augmentation)
         for name, ipc in product(d.methods, d.ipc):
             method = METHODS[name]
+            axes = option_grid(name, d.options.get(name, {}))
             if method.optimises_images:
                 grid = product(d.iterations or [method.iterations], d.lr_img or [method.lr_img], d.guidance,
                                option_points(name, d.options.get(name, {})))
@@ -184,7 +192,7 @@ def build_stage_graph(spec: StudySpec) -> StageGraph:
                     seed=seed + spec.seed, log_every=d.log_every, options=options, guidance=guidance)
                 coords = {**target.coords, "method": name, "ipc": ipc, "iterations": iters, "lr_img": lr,
                           "guidance": guide.label, "distill_seed": seed, "options": options or None}
-                varied = {k: v for k, v in options.items() if len(option_grid(name, d.options.get(name, {}))[k]) > 1}
+                varied = {k: v for k, v in options.items() if len(axes[k]) > 1}
                 distill = graph.add(Stage("distill", config.to_dict(), inputs,
                                           distill_label(spec, config, guide, target, varied), coords))
                 for stage in evaluation_stages(spec, method, distill, target):

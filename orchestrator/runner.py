@@ -1,29 +1,39 @@
-"""Submitting a study: preflight, then run the stage graph on Ray.
+"""Submitting a study: preflight, then run the stage graph, then report; and `sync`, `cancel`.
 
 Read top to bottom: build the graph, check everything a user can get wrong
-(tracking reachable, data present, the cluster big enough) before anything is
-written, mark stages already in the store as cached, then keep submitting
-every stage whose inputs are ready to an executor (Ray tasks with their
-declared resources, or inline in tests), logging each finished stage to
-MLflow from this driver. Readiness is counted, not rescanned: each stage keeps
-the number of its inputs not yet done, and a finished stage decrements its
-dependents' counts.
+(tracking reachable, data present, every stage kind fits on one node) before
+anything is written, mark stages already in the store as cached, start the
+study's log and heartbeat, then hand the graph to the scheduler
+(`orchestrator.scheduler`) with an executor (Ray tasks, or inline in tests).
+Tracking subscribes to the scheduler's transitions and logs from a background
+thread; whatever it could not log, `sync_study` logs later. Every exit path
+(success, failure, an exception, Ctrl-C, SIGTERM, `ddray study cancel`)
+cancels what runs, releases the leases and leaves the log, the driver's
+heartbeat and the parent run in a final state.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
+
+import yaml
 
 from distill_core import __version__
 from distill_core.data import DatasetUnavailable, load_source
 from orchestrator.errors import UserError
 from orchestrator.executors import Executor, RayExecutor, ensure_ray
-from orchestrator.graph import StageGraph, build_stage_graph
+from orchestrator.graph import MAX_STAGES, StageGraph, build_stage_graph
+from orchestrator.leases import Leases, Owner
+from orchestrator.scheduler import SIGTERM_RECEIVED, Scheduler, Terminated
 from orchestrator.spec import StudySpec
 from orchestrator.store import ArtifactStore
-from orchestrator.studies import StudyRecord, open_record, study_results
-from orchestrator.tracking import Tracker
+from orchestrator.studies import HEARTBEAT_S, StudyLog, load_record, study_results
+from orchestrator.tracking import Tracker, redact
+from orchestrator.tracking_session import TrackingSession
 
 EventFn = Callable[[dict], None]
 
@@ -33,16 +43,21 @@ class StudyOutcome:
     study_id: str
     state: str
     counts: dict
-    parent_run_id: str
+    parent_run_id: str | None
     results: list[dict] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)  # stages that took more than one execution
+    tracking: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         c = self.counts
         return {"study_id": self.study_id, "state": self.state,
-                "stages": {"total": c["total"], "executed": c["executed"], "cached": c["cached"],
-                           "failed": c["failed"] + c["skipped"]}}
+                "stages": {"total": c["total"], "executed": c["executed"], "cached": c["cached"] + c["reused"],
+                           "failed": c["failed"] + c["skipped"]},
+                "retried": self.attempts, "not_logged": self.tracking.get("not_logged", 0)}
 
+
+# --- preflight ---------------------------------------------------------------------------------
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a dead address: ray.init would otherwise retry for minutes."""
@@ -60,39 +75,89 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def check_resources(spec: StudySpec, graph: StageGraph) -> None:
+    """Every stage kind's request fits on one alive node (cluster totals would let it wait forever)."""
     import ray
 
-    have = ray.cluster_resources()
-    for kind in ("dataset", "ptm", "distill", "evaluate"):
-        if not graph.of_kind(kind):
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU", "memory")}
+    for kind, n in graph.counts().items():
+        if not n:
             continue
         want = getattr(spec.resources, kind)
-        if want.cpus > have.get("CPU", 0):
-            raise UserError(f"resources.{kind}.cpus: {want.cpus:g} requested but the Ray cluster has {have.get('CPU', 0):g}")
-        if want.gpus > have.get("GPU", 0):
-            raise UserError(f"resources.{kind}.gpus: {want.gpus:g} requested but the Ray cluster has {have.get('GPU', 0):g}")
+        for field_name, resource, value in (("cpus", "CPU", want.cpus), ("gpus", "GPU", want.gpus),
+                                            ("memory_gb", "memory", (want.memory_gb or 0) * 2**30)):
+            if value > largest[resource]:
+                shown = f"{value / 2**30:g} GiB" if resource == "memory" else f"{value:g}"
+                have = f"{largest[resource] / 2**30:.1f} GiB" if resource == "memory" else f"{largest[resource]:g}"
+                raise UserError(f"resources.{kind}.{field_name}: {shown} requested but the largest Ray node "
+                                f"has {have}")
 
 
 def check_data(spec: StudySpec, graph: StageGraph, cached: set[str]) -> None:
     """Every dataset that must be built resolves now (local-first, then download)."""
-    by_name = {d.name: d for d in spec.datasets}
     needed = {s.coords["dataset"] for s in graph.of_kind("dataset") if s.key not in cached}
     for i, ds in enumerate(spec.datasets):
         if ds.name in needed:
             try:
-                load_source(ds.source, root=by_name[ds.name].data_root)
+                load_source(ds.source, root=ds.data_root)
             except DatasetUnavailable as exc:
                 raise UserError(f"datasets[{i}].source: {exc}") from None
 
 
+@contextmanager
+def signals_as_interrupts():
+    """SIGTERM raises `Terminated` in the main thread, so it ends a study like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        SIGTERM_RECEIVED.set()
+        raise Terminated()
+
+    SIGTERM_RECEIVED.clear()
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Heartbeat:
+    """Renews this driver's leases and heartbeat file every few seconds, from a thread."""
+
+    def __init__(self, log: StudyLog, leases: Leases, every: float = HEARTBEAT_S):
+        self.log, self.leases, self.every = log, leases, every
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="ddray-heartbeat", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.leases.renew()
+                self.log.heartbeat("running")
+            except OSError:  # a full or flaky disk must not kill the driver; the next beat tries again
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join(timeout=2 * self.every)
+
+
+# --- submit ------------------------------------------------------------------------------------
+
 def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = None,
                  tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
-                 on_event: EventFn | None = None,
+                 on_event: EventFn | None = None, max_stages: int | None = MAX_STAGES,
                  executor: Callable[[str, dict], Executor] | None = None) -> StudyOutcome:
     """Run every stage of `spec` not already in the store; `executor(store_root, runtime)` defaults to Ray."""
     emit = on_event or (lambda event: None)
     store = ArtifactStore(store_root or spec.store.root)
-    graph = build_stage_graph(spec)
+    graph = build_stage_graph(spec, max_stages)
     tracker = Tracker(tracking_uri or spec.tracking.uri, spec.experiment_name)
 
     # --- preflight: nothing is written before these pass -----------------------------------------
@@ -100,108 +165,90 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
         check_reachable(address)
     tracker.check()
     cached = {k for k, s in graph.stages.items() if store.is_complete(s.kind, k)}
-    for k, s in graph.stages.items():  # damaged stages are moved aside and rebuilt
-        if k not in cached and store.manifest(s.kind, k) is not None:
-            store.quarantine(s.kind, k)
-            emit({"type": "warning", "message": f"stored stage {s.label} was damaged; rebuilding"})
     check_data(spec, graph, cached)
     if executor is None:
         ensure_ray(address, num_cpus)
         check_resources(spec, graph)
         executor = RayExecutor
+    runner = executor(str(store.root), spec.runtime.model_dump(exclude={"device"}))
+    store.clean_temp()
 
-    # --- study record and parent run ----------------------------------------------------------------
+    # --- the run -----------------------------------------------------------------------------------
     study_id = spec.study_id
-    tracker.ensure_experiment()
-    parent = tracker.start_parent(study_id, spec.name, spec.spec_hash(), spec_text, __version__)
-    logged = tracker.child_runs(parent)
-    stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.inputs,
-                  "state": "cached" if k in cached else "pending"} for k, s in graph.stages.items()}
-    record = open_record(store, study_id, {
-        "name": spec.name, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json"),
-        "tracking_uri": tracker.uri, "experiment": spec.experiment_name, "parent_run_id": parent,
-        "store_root": str(store.root), "ddray_version": __version__}, stages)
-    emit({"type": "start", "study_id": study_id, "parent_run_id": parent, "stages": record.data["stages"]})
-    for k in cached:
-        if k not in logged:
-            s = graph.stages[k]
-            tracker.log_stage(parent, study_id, store.read_json(s.kind, k, "result.json"),
-                              store.stage_dir(s.kind, k), cached=True)
-        emit({"type": "stage", "key": k, "state": "cached"})
+    owner = Owner.here()
+    leases = Leases(store.root, owner)
+    log = StudyLog(store, study_id, owner)
+    with signals_as_interrupts():
+        try:
+            tracking = TrackingSession(tracker, store, study_id, leases, emit)
+            parent = tracking.open(spec.name, spec.spec_hash(), spec_text, __version__)
+            dump = spec.model_dump(mode="json")
+            dump["tracking"]["uri"] = tracker.safe_uri
+            stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.input_keys,
+                          "state": "cached" if k in cached else "pending"} for k, s in graph.stages.items()}
+            log.start({"name": spec.name, "spec_hash": spec.spec_hash(), "spec": dump,
+                       "tracking_uri": tracker.safe_uri, "experiment": spec.experiment_name,
+                       "parent_run_id": parent, "store_root": str(store.root), "ddray_version": __version__,
+                       "driver": {"host": owner.host, "pid": owner.pid, "id": owner.driver}}, stages)
+            emit({"type": "start", "study_id": study_id, "parent_run_id": parent, "stages": stages,
+                  "store": str(store.root), "tracking_uri": tracker.safe_uri})
+            tracking.log_stored({k: graph.stages[k].kind for k in cached})
 
-    # --- run ------------------------------------------------------------------------------------
-    runtime = spec.runtime.model_dump(exclude={"device"})
-    state = run_graph(spec, graph, store, record, tracker, parent, logged, emit,
-                      executor(str(store.root), runtime))
-    record.data["state"] = state
-    record.save()
-    tracker.finish_parent(parent, state, record.counts())
-    errors = {k: v["error"] for k, v in record.data["stages"].items() if v.get("error")}
-    outcome = StudyOutcome(study_id, state, record.counts(), parent, study_results(store, record.data), errors)
+            def on_event(event: dict) -> None:
+                if event["type"] == "stage" and event["state"] == "failed":
+                    s = graph.stages[event["key"]]
+                    tracking.failed(s.label, s.key, s.kind, event.get("error", ""))
+                emit(event)
+
+            def on_executed(key: str, result: dict) -> None:
+                s = graph.stages[key]
+                tracking.executed(key, result, store.stage_dir(s.kind, key))
+
+            scheduler = Scheduler(graph, spec.resources, store, log, leases, runner, on_event, on_executed)
+            with Heartbeat(log, leases):
+                state = scheduler.run()
+        except BaseException:
+            runner.cancel()
+            log.finish("failed")
+            leases.release_all()
+            raise
+        counts = log.counts()
+        tracked = tracking.close(state, counts)
+        log.finish(state)
+        leases.release_all()
+    if tracked["not_logged"]:
+        emit({"type": "warning", "message": f"tracking: {tracked['not_logged']} run(s) not logged "
+                                            f"({'; '.join(tracked['errors']) or 'server unreachable'}); "
+                                            f"run `ddray study sync {study_id}`"})
+    attempts = {graph.stages[k].label: n for k, n in ((k, store.attempts(k)) for k, st in log.states.items()
+                                                       if st == "executed") if n > 1}
+    outcome = StudyOutcome(study_id, state, counts, parent, study_results(store, load_record(store, study_id)),
+                           dict(log.errors), attempts, tracked)
     emit({"type": "end", **outcome.summary()})
     return outcome
 
 
-def run_graph(spec: StudySpec, graph: StageGraph, store: ArtifactStore, record: StudyRecord, tracker: Tracker,
-              parent: str, logged: dict[str, str], emit: EventFn, executor: Executor) -> str:
-    states = {k: v["state"] for k, v in record.data["stages"].items()}
-    done = ("executed", "cached")
-    waiting = {k: sum(states[i] not in done for i in s.input_keys) for k, s in graph.stages.items()}
+# --- sync and cancel ----------------------------------------------------------------------------
 
-    def submit(key: str) -> None:
-        stage = graph.stages[key]
-        executor.submit(stage, getattr(spec.resources, stage.kind))
-        states[key] = "running"
-        record.set_stage(key, "running")
-        emit({"type": "stage", "key": key, "state": "running"})
-
-    def skip_dependents(key: str) -> None:
-        for dep in graph.dependents(key):
-            if states[dep] == "pending":
-                states[dep] = "skipped"
-                record.set_stage(dep, "skipped", f"input {graph.stages[key].label} failed")
-                emit({"type": "stage", "key": dep, "state": "skipped"})
-                skip_dependents(dep)
-
-    try:
-        for key in graph.stages:
-            if states[key] == "pending" and waiting[key] == 0:
-                submit(key)
-        while executor.running():
-            finished = executor.next_done(timeout=1.0)
-            if finished is None:
-                continue
-            key, result = finished
-            stage = graph.stages[key]
-            if isinstance(result, BaseException):  # the stage raised: record it, skip what depends on it
-                message = _task_error(result)
-                states[key] = "failed"
-                record.set_stage(key, "failed", message)
-                tracker.log_failure(parent, record.data["study_id"], stage, message)
-                emit({"type": "stage", "key": key, "state": "failed", "error": message})
-                skip_dependents(key)
-                continue
-            if key not in logged:
-                tracker.log_stage(parent, record.data["study_id"], result, store.stage_dir(stage.kind, key), False)
-            states[key] = "executed"
-            record.set_stage(key, "executed")
-            emit({"type": "stage", "key": key, "state": "executed", "metrics": result.get("metrics", {})})
-            for dep in graph.dependents(key):
-                waiting[dep] -= 1
-                if waiting[dep] == 0 and states[dep] == "pending":
-                    submit(dep)
-    except KeyboardInterrupt:
-        executor.cancel()
-        for key, state in states.items():
-            if state == "running":
-                record.set_stage(key, "pending")
-        return "interrupted"
-    return "failed" if any(s in ("failed", "skipped") for s in states.values()) else "succeeded"
-
-
-def _task_error(exc: Exception) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
-
-
+def sync_study(store: ArtifactStore, study_id: str, tracking_uri: str | None = None) -> dict:
+    """Log every finished stage of a study that has no FINISHED run, and finish the parent run."""
+    record = load_record(store, study_id)
+    study_id = record["study_id"]
+    uri = tracking_uri or record["tracking_uri"]
+    tracker = Tracker(uri, record["experiment"])
+    tracker.check()
+    owner = Owner.here()
+    leases = Leases(store.root, owner)
+    tracker.ensure_experiment()
+    session = TrackingSession(tracker, store, study_id, leases, lambda e: None)
+    spec_text = yaml.safe_dump(record["spec"], sort_keys=False)  # as recorded (credentials already removed)
+    parent = session.open(record["name"], record["spec_hash"], spec_text, __version__)
+    if parent is None:
+        raise UserError(f"tracking.uri: cannot log to '{redact(uri)}'")
+    done = {k: st["kind"] for k, st in record["stages"].items() if st["state"] in ("executed", "cached", "reused")}
+    already = len(session.finished & set(done))
+    session.log_stored(done)
+    summary = session.close(None if record["state"] == "running" else record["state"], record["counts"])
+    leases.release_all()
+    return {"study_id": study_id, "parent_run_id": parent, "already_logged": already,
+            "logged": summary["logged"], "not_logged": summary["not_logged"]}

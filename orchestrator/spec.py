@@ -38,13 +38,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def _as_list(value: Any) -> Any:
+def as_list(value: Any) -> Any:
+    """A scalar as a one-element list (grid axes accept either)."""
     return [value] if value is not None and not isinstance(value, list) else value
 
 
 def Grid(item: Any, min_length: int = 1) -> Any:  # noqa: N802 (a type factory)
     """A grid axis: a list (a scalar is a one-point grid)."""
-    return Annotated[list[item], BeforeValidator(_as_list), Field(min_length=min_length, max_length=MAX_GRID)]
+    return Annotated[list[item], BeforeValidator(as_list), Field(min_length=min_length, max_length=MAX_GRID)]
 
 
 def _known(kind: str, registry) -> AfterValidator:
@@ -203,9 +204,19 @@ class EvaluationSpec(Strict):
     checkpoints: int = Field(default=10, ge=1, le=10_000)  # validation checks over training
 
 
+RETRYABLE = {"MemoryError": MemoryError, "OSError": OSError, "TimeoutError": TimeoutError,
+             "ConnectionError": ConnectionError}  # application errors a stage kind may list in retry_on
+
+
 class StageResources(Strict):
     cpus: float = Field(default=1.0, gt=0, le=1024)
     gpus: float = Field(default=0.0, ge=0, le=64)
+    memory_gb: float | None = Field(default=None, gt=0, le=100_000)  # Ray memory=, so Ray does not over-pack
+    # a worker or node that dies is retried this many times; application errors only if listed in retry_on
+    retries: int = Field(default=3, ge=0, le=100)
+    retry_on: list[Literal[tuple(RETRYABLE)]] = Field(default_factory=list)
+    timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)  # a stage running longer fails
+    pending_warning_s: float = Field(default=300.0, gt=0, le=86400)  # warn when a stage waits this long for a node
 
 
 class ResourcesSpec(Strict):

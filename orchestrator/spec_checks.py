@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import product
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from distill_core.guidance import missing_alpha
 from distill_core.methods import METHODS, EvalProtocol, Options
 from distill_core.methods.registry import evaluation_augment
 from distill_core.networks import ARCHITECTURES, check_network, unknown_options
-from orchestrator.spec import MAX_GRID, ArchSpec, DatasetSpec, Strict, StudySpec, _as_list
+from orchestrator.spec import MAX_GRID, ArchSpec, DatasetSpec, Strict, StudySpec, as_list
 from orchestrator.spec_errors import Problem, problems_from, suggest
 
 
@@ -33,12 +34,13 @@ def check_spec(spec: StudySpec) -> list[Problem]:
 
 # --- method options ---------------------------------------------------------------------------------
 
+@lru_cache(maxsize=None)
 def options_grid_model(options: type[Options]) -> type[Strict]:
     """A model with every option of `options` as an optional grid axis of the same constrained type."""
     fields: dict[str, Any] = {}
     for name, info in options.model_fields.items():
         item = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-        axis = Annotated[list[item], BeforeValidator(_as_list), Field(min_length=1, max_length=MAX_GRID)]
+        axis = Annotated[list[item], BeforeValidator(as_list), Field(min_length=1, max_length=MAX_GRID)]
         fields[name] = (axis | None, None)
     return create_model(f"{options.__name__}Grid", __base__=Strict, **fields)
 

@@ -227,7 +227,13 @@ RUNNERS: dict[str, Callable[[Stage, ArtifactStore, Runtime], dict]] = {
 
 
 def execute_stage(stage: Stage, store_root: str, cpus: float, gpus: float, runtime: dict | None = None) -> dict:
-    """Entry point of a stage task: threads and device from the task's resources, the study's runtime settings."""
+    """Entry point of a stage task: threads and device from the task's resources, the study's runtime settings.
+
+    Every execution leaves an attempt file in the store before it computes, so
+    retries (a worker killed mid-stage) and duplicate work are counted.
+    """
     set_threads(cpus)
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-    return RUNNERS[stage.kind](stage, ArtifactStore(store_root), Runtime(**{**(runtime or {}), "device": device}))
+    store = ArtifactStore(store_root)
+    store.record_attempt(stage.key)
+    return RUNNERS[stage.kind](stage, store, Runtime(**{**(runtime or {}), "device": device}))

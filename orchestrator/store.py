@@ -5,12 +5,18 @@ volume mounted at the same path on every Ray node):
 
     stages/<kind>/<key>/manifest.json   # written last: files, sha256, sizes, meta
     stages/<kind>/<key>/<files...>
-    studies/<study_id>/record.json      # the study's state, see orchestrator.studies
+    attempts/<key>/<attempt>.json       # one file per execution of a stage (host, pid, start)
+    leases/<key>.json                   # who computes a stage now (orchestrator.leases)
+    studies/<study_id>/...              # records, event logs, driver heartbeats (orchestrator.studies)
+    quarantine/<key>-<time>-<id>/       # damaged copies, kept for inspection, never read
 
-A stage directory is built under a temporary name and renamed into place in
-one step, so readers see either nothing or a complete stage. A stage counts as
-present only when its manifest exists and every file matches its checksum; a
-damaged stage is reported, moved aside and rebuilt, never used.
+A stage directory is built under a temporary name that names its writer
+(`.<key>.tmp-<host>-<pid>-<id>`) and renamed into place in one step, so
+readers see either nothing or a complete stage; a temp dir whose writer is
+dead is removed by the next submit (`clean_temp`). Whether a stage is present
+is a quick check (manifest readable, every file there with its recorded size);
+the full sha256 of a file is checked whenever it is read, and a stage that
+fails it is verified in full, moved aside and rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -28,10 +35,19 @@ from typing import Any
 import torch
 
 MANIFEST = "manifest.json"
+HOST = socket.gethostname()
+STALE_TEMP_S = 24 * 3600  # a temp dir of another host is removed only once it is this old
 
 
 class CorruptArtifact(RuntimeError):
-    pass
+    """A stored stage failed verification; `kind`/`key` name it so the driver can rebuild it."""
+
+    def __init__(self, kind: str, key: str, problem: str):
+        super().__init__(f"{kind} {key}: {problem}")
+        self.kind, self.key = kind, key
+
+    def __reduce__(self):  # picklable across Ray with its attributes
+        return (CorruptArtifact, (self.kind, self.key, str(self).split(": ", 1)[1]))
 
 
 def sha256_file(path: Path) -> str:
@@ -48,18 +64,29 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def atomic_write_json(path: Path, obj: Any, fsync: bool = True) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), fsync)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ArtifactStore:
@@ -77,7 +104,7 @@ class ArtifactStore:
     def write_stage(self, kind: str, key: str, files: dict[str, bytes], meta: dict) -> Path:
         """Write all files and the manifest into a temp dir, then rename it into place."""
         final = self.stage_dir(kind, key)
-        tmp = final.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = final.with_name(f".{key}.tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         try:
             entries = {}
@@ -90,16 +117,25 @@ class ArtifactStore:
                 entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             manifest = {"kind": kind, "key": key, "created": time.time(), "files": entries, "meta": meta}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            if final.exists():  # a concurrent writer finished first, or a damaged copy
-                if self.is_complete(kind, key):
-                    shutil.rmtree(tmp)
-                    return final
-                self.quarantine(kind, key)
-            os.replace(tmp, final)
+            self._publish(kind, key, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    def _publish(self, kind: str, key: str, tmp: Path) -> None:
+        final = self.stage_dir(kind, key)
+        if final.exists() and not self.verify(kind, key, full=True):
+            shutil.rmtree(tmp)  # an identical stage (same key) was published first: keep it
+            return
+        if final.exists():
+            self.quarantine(kind, key)  # damaged; the caller holds the stage's lease
+        try:
+            os.replace(tmp, final)
+        except OSError:  # published by another writer between the check and the rename
+            if self.verify(kind, key, full=True):
+                raise
+            shutil.rmtree(tmp)
 
     def quarantine(self, kind: str, key: str) -> Path | None:
         """Move a damaged stage out of the way (kept for inspection, never read)."""
@@ -108,50 +144,87 @@ class ArtifactStore:
             return None
         dst = self.root / "quarantine" / f"{key}-{int(time.time())}-{uuid.uuid4().hex[:4]}"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:  # moved by another process meanwhile
+            return None
         return dst
+
+    def record_attempt(self, key: str) -> Path:
+        """One file per execution of a stage, written when it starts: executions are counted, not guessed."""
+        path = self.root / "attempts" / key / f"{time.time():.6f}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
+        atomic_write_json(path, {"host": HOST, "pid": os.getpid(), "started": time.time()}, fsync=False)
+        return path
+
+    def attempts(self, key: str) -> int:
+        d = self.root / "attempts" / key
+        return sum(1 for p in d.iterdir() if p.suffix == ".json") if d.exists() else 0
+
+    def clean_temp(self, now: float | None = None) -> list[Path]:
+        """Remove temp dirs whose writer is gone: a dead pid on this host, or older than a day elsewhere."""
+        now = now or time.time()
+        removed = []
+        for kind_dir in (self.root / "stages").glob("*"):
+            for tmp in kind_dir.glob(".*.tmp-*"):
+                host, pid = _writer_of(tmp.name)
+                mine = host == HOST
+                if (mine and pid is not None and not pid_alive(pid)) or \
+                        (not mine and now - tmp.stat().st_mtime > STALE_TEMP_S):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(tmp)
+        return removed
 
     # --- reading -------------------------------------------------------------------------------
 
     def manifest(self, kind: str, key: str) -> dict | None:
         path = self.stage_dir(kind, key) / MANIFEST
-        if not path.exists():
-            return None
         try:
             return json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except (json.JSONDecodeError, OSError):
+            return {}  # present but unreadable: damaged
 
-    def verify(self, kind: str, key: str) -> list[str]:
-        """Problems with a stored stage; empty when it is complete and intact."""
+    def verify(self, kind: str, key: str, full: bool = False) -> list[str]:
+        """Problems with a stored stage; empty when it is complete (sizes, and with `full` every sha256)."""
         manifest = self.manifest(kind, key)
-        if manifest is None:
+        if not manifest or "files" not in manifest:
             return ["manifest missing or unreadable"]
         problems = []
         d = self.stage_dir(kind, key)
         for name, entry in manifest["files"].items():
             p = d / name
-            if not p.exists():
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
                 problems.append(f"{name}: missing")
-            elif p.stat().st_size != entry["bytes"]:
-                problems.append(f"{name}: truncated ({p.stat().st_size} of {entry['bytes']} bytes)")
-            elif sha256_file(p) != entry["sha256"]:
+                continue
+            if size != entry["bytes"]:
+                problems.append(f"{name}: truncated ({size} of {entry['bytes']} bytes)")
+            elif full and sha256_file(p) != entry["sha256"]:
                 problems.append(f"{name}: checksum mismatch")
         return problems
 
-    def is_complete(self, kind: str, key: str) -> bool:
-        return self.manifest(kind, key) is not None and not self.verify(kind, key)
+    def is_complete(self, kind: str, key: str, full: bool = False) -> bool:
+        return not self.verify(kind, key, full)
+
+    def exists(self, kind: str, key: str) -> bool:
+        """Something (complete or damaged) is stored under this key."""
+        return self.stage_dir(kind, key).exists()
 
     def path(self, kind: str, key: str, name: str) -> Path:
         return self.stage_dir(kind, key) / name
 
     def read_bytes(self, kind: str, key: str, name: str) -> bytes:
         manifest = self.manifest(kind, key)
-        if manifest is None or name not in manifest["files"]:
-            raise CorruptArtifact(f"{kind} {key}: no stored file '{name}'")
-        data = self.path(kind, key, name).read_bytes()
+        if not manifest or name not in manifest.get("files", {}):
+            raise CorruptArtifact(kind, key, f"no stored file '{name}'")
+        try:
+            data = self.path(kind, key, name).read_bytes()
+        except FileNotFoundError:
+            raise CorruptArtifact(kind, key, f"'{name}' is missing") from None
         if hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
-            raise CorruptArtifact(f"{kind} {key}: '{name}' fails its checksum")
+            raise CorruptArtifact(kind, key, f"'{name}' fails its checksum")
         return data
 
     def read_tensors(self, kind: str, key: str, name: str) -> dict[str, torch.Tensor]:
@@ -162,6 +235,16 @@ class ArtifactStore:
 
     def meta(self, kind: str, key: str) -> dict:
         manifest = self.manifest(kind, key)
-        if manifest is None:
-            raise CorruptArtifact(f"{kind} {key}: not in the store")
+        if not manifest:
+            raise CorruptArtifact(kind, key, "not in the store")
         return manifest["meta"]
+
+
+def _writer_of(name: str) -> tuple[str | None, int | None]:
+    """(host, pid) from a temp dir name `.<key>.tmp-<host>-<pid>-<id>` (None for older names)."""
+    try:
+        rest = name.split(".tmp-", 1)[1]
+        host, pid, _ = rest.rsplit("-", 2)
+        return host, int(pid)
+    except (IndexError, ValueError):
+        return None, None

@@ -1,24 +1,46 @@
-"""MLflow tracking, done from the driver only.
+"""MLflow tracking, done from the driver only, best-effort during a run and exact afterwards.
 
-One parent run per study (tags: study id and name, spec hash, ddray version;
-the spec as an artifact) and one child run per stage, linked by the
-`mlflow.parentRunId` tag (params = the stage config, metrics, artifacts from
-the stage's store directory). Resubmitting a study resumes its parent run and
-adds only the child runs it lacks, so the MLflow UI shows one run per stage
-however often a study is resumed. Workers never write to the tracking store:
-parallel writers race on SQLite, and a cluster's workers may not reach it.
+One parent run per study (tags: study id and name, spec hash, ddray version,
+role "study"; the spec as an artifact, credentials removed) and one FINISHED
+child run per stage, linked by `mlflow.parentRunId` (params = the stage
+config, metrics, artifacts from the stage's store directory). Workers never
+write to the tracking store: parallel writers race on SQLite, and a
+cluster's workers may not reach it.
+
+Exactly one FINISHED run per stage, whatever is killed or resubmitted:
+- the parent is found exactly: its run id is kept in the store
+  (`studies/<id>/parent.json`), with a tag search for role "study" (which
+  children never carry) as the fallback, under a study-level lease so two
+  submits cannot both create one;
+- a child is logged only by the driver that computed the stage, or, for a
+  stage already in the store without a FINISHED run, by whichever driver takes
+  the stage's lease and finds none after taking it;
+- runs left RUNNING by a driver that is gone are closed as KILLED and replaced.
+
+Logging runs in a background thread (`TrackingQueue`) so it never holds up
+scheduling; a tracking failure never stops or fails a study (the store is the
+truth): what could not be logged is counted, and `ddray study sync` or the
+next submit logs it. The preflight check uses a short timeout and no retries;
+the run uses MLflow's normal retries.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from orchestrator.errors import UserError
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM = 500  # MLflow caps param values (6000 chars); long lists are summarised in artifacts
+SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -33,28 +55,106 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# --- URIs: supported schemes, and never a password in a record, a log or an error ----------------
+
+def redact(uri: str) -> str:
+    """The URI without its password (and without a token in the query string); otherwise unchanged."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    out = uri
+    if parts.password:
+        out = out.replace(f":{parts.password}@", "@", 1)
+    return re.sub(r"(?i)([?&](?:password|token|secret|access_token)=)[^&]*", r"\1***", out)
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` with the password of `uri` (if any) replaced wherever it appears."""
+    password = urlsplit(uri).password if "://" in uri else None
+    return text.replace(password, "***") if password else text
+
+
+def check_uri(uri: str) -> None:
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    base = scheme.split("+", 1)[0]
+    if base == "file" or not scheme or len(scheme) == 1:  # a path (or a Windows drive letter)
+        raise UserError(f"tracking.uri: '{redact(uri)}' is a file store, which MLflow refuses since 3.13; "
+                        "use sqlite:///path/mlflow.db or an http(s) tracking server")
+    if base not in SCHEMES:
+        raise UserError(f"tracking.uri: unsupported scheme '{scheme}' in '{redact(uri)}' "
+                        f"(one of {', '.join(SCHEMES)})")
+
+
+@contextmanager
+def short_http_timeouts(seconds: int = 10):
+    """Preflight only: fail fast instead of MLflow's minutes of retries."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(seconds)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
+
+
+@contextmanager
+def sqlite_creation_lock(uri: str):
+    """Serialise the first use of a SQLite tracking DB: MLflow creates its tables then, and two
+    processes creating them at once fail ("table ... already exists", alembic version races)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):]).expanduser()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".ddray-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
+        check_uri(uri)
         self.uri = uri
         self.experiment_name = experiment
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
+        with sqlite_creation_lock(uri):  # the client creates a new SQLite DB's tables when it opens it
+            self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id: str | None = None
 
+    @property
+    def safe_uri(self) -> str:
+        return redact(self.uri)
+
     def check(self) -> None:
-        try:
-            self.client.search_experiments(max_results=1)
-        except Exception as exc:  # mlflow raises several types for unreachable stores
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"tracking.uri: cannot reach the tracking server '{self.uri}' ({reason})") from None
+        with short_http_timeouts(), sqlite_creation_lock(self.uri):
+            try:
+                self.client.search_experiments(max_results=1)
+            except Exception as exc:  # mlflow raises several types for unreachable stores
+                message = redact_text(_reason(exc), self.uri)
+                raise UserError(f"tracking.uri: cannot reach the tracking server '{self.safe_uri}' ({message})") from None
 
     def ensure_experiment(self) -> str:
         """Create the experiment once, here on the driver (parallel creation races on SQLite)."""
+        with sqlite_creation_lock(self.uri):
+            return self._ensure_experiment()
+
+    def _ensure_experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is None:
             try:
@@ -68,42 +168,69 @@ class Tracker:
             self.experiment_id = exp.experiment_id
         return self.experiment_id
 
-    def start_parent(self, study_id: str, name: str, spec_hash: str, spec_text: str, version: str) -> str:
-        assert self.experiment_id is not None
+    def find_parent(self, study_id: str, known: str | None) -> str | None:
+        """The study's parent run: the one the store names, else the one tagged role=study (never a child)."""
+        if known:
+            try:
+                run = self.client.get_run(known)
+                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
+                    return known
+            except Exception:  # deleted, or another tracking store
+                pass
         found = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`ddray.study_id` = '{study_id}'", max_results=50)
-        parents = [r for r in found if PARENT_TAG not in r.data.tags]
-        if parents:
-            run_id = parents[0].info.run_id
+            [self.experiment_id], max_results=2, order_by=["attributes.start_time ASC"],
+            filter_string=f"tags.`ddray.study_id` = '{study_id}' and tags.`ddray.role` = 'study'")
+        return found[0].info.run_id if found else None
+
+    def start_parent(self, study_id: str, known: str | None, name: str, spec_hash: str, spec_text: str,
+                     version: str) -> str:
+        run_id = self.find_parent(study_id, known)
+        if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "ddray.resumed", "true")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=study_id, tags={
             "ddray.study_id": study_id, "ddray.study_name": name, "ddray.spec_hash": spec_hash,
             "ddray.version": version, "ddray.role": "study"})
-        self.client.log_text(run.info.run_id, spec_text, "spec.yaml")
+        self.client.log_text(run.info.run_id, redact_text(spec_text, self.uri), "spec.yaml")
         return run.info.run_id
 
-    def child_runs(self, parent_run_id: str) -> dict[str, str]:
-        """stage key -> run id of finished child runs already logged under this parent."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=50000)
-        return {r.data.tags["ddray.stage_key"]: r.info.run_id for r in runs
-                if "ddray.stage_key" in r.data.tags and r.info.status == "FINISHED"}
+    def children(self, parent_run_id: str) -> list:
+        """Every child run of the parent (all pages)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                           max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
 
-    def log_stage(self, parent_run_id: str, study_id: str, result: dict, stage_dir: Path, cached: bool) -> str:
+    def finished_child(self, parent_run_id: str, key: str) -> bool:
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`ddray.stage_key` = '{key}' "
+                          "and attributes.status = 'FINISHED'")
+        return bool(found)
+
+    def log_stage(self, parent_run_id: str, study_id: str, result: dict, stage_dir: Path, cached: bool,
+                  driver: str) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
         coords = {f"ddray.{k}": str(v) for k, v in result.get("coords", {}).items() if v is not None}
         tags = {PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": result["key"],
-                "ddray.stage_kind": result["kind"], "ddray.cached": str(cached).lower(), **coords}
-        run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags=tags)
+                "ddray.stage_kind": result["kind"], "ddray.cached": str(cached).lower(), "ddray.driver": driver,
+                **{k[:250]: v[:5000] for k, v in coords.items()}}
+        if len(result["label"]) > 250:  # run names are cut at 250 characters
+            tags["ddray.label"] = result["label"][:5000]
+        # three calls, the least MLflow allows: create (the parent tag makes it a child at once), one batch, terminate
+        run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags={PARENT_TAG: parent_run_id})
         rid = run.info.run_id
         params = [Param(k[:250], v) for k, v in flatten(result.get("config", {})).items()]
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.get("metrics", {}).items()]
-        for i in range(0, max(len(params), len(metrics)), 100):
-            self.client.log_batch(rid, metrics=metrics[i:i + 100], params=params[i:i + 100],
-                                  tags=[RunTag("ddray.label", result["label"][:5000])] if i == 0 else [])
+        tag_list = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, max(len(params), len(metrics), len(tag_list), 1), 100):  # MLflow's per-call limits
+            self.client.log_batch(rid, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tag_list[i:i + 100])
         for name in result.get("artifacts", []):
             path = stage_dir / name
             if path.exists():
@@ -111,16 +238,111 @@ class Tracker:
         self.client.set_terminated(rid, "FINISHED")
         return rid
 
-    def log_failure(self, parent_run_id: str, study_id: str, stage, error: str) -> None:
-        run = self.client.create_run(self.experiment_id, run_name=stage.label[:250], tags={
-            PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": stage.key,
-            "ddray.stage_kind": stage.kind, "ddray.error": error[:5000]})
+    def log_failure(self, parent_run_id: str, study_id: str, label: str, key: str, kind: str, error: str,
+                    driver: str) -> None:
+        run = self.client.create_run(self.experiment_id, run_name=label[:250], tags={
+            PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": key,
+            "ddray.stage_kind": kind, "ddray.error": error[:5000], "ddray.driver": driver})
         self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def kill(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "KILLED")
 
     def finish_parent(self, run_id: str, state: str, counts: dict) -> None:
         from mlflow.entities import Metric
 
         self.client.log_batch(run_id, metrics=[Metric(f"stages_{k}", float(v), 0, 0) for k, v in counts.items()])
         self.client.set_tag(run_id, "ddray.state", state)
-        status = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
+        status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(run_id, status)
+
+
+class TrackingQueue:
+    """Logs stages from a background thread; failures are counted, never raised into the study.
+
+    After a failed call the queue stops calling MLflow (items wait in `missing`)
+    and probes the server every `probe_s` seconds; when it answers again the
+    waiting items are logged. `drain` waits for the queue to empty (bounded).
+    """
+
+    def __init__(self, tracker: Tracker, parent: str | None, study_id: str, driver: str,
+                 on_logged=None, probe_s: float = 15.0):
+        self.tracker, self.parent, self.study_id, self.driver = tracker, parent, study_id, driver
+        self.on_logged = on_logged or (lambda key: None)  # called in the thread after each logged stage
+        self.probe_s = probe_s
+        self.items: queue.Queue = queue.Queue()
+        self.missing: list[tuple] = []
+        self.logged = 0
+        self.errors: list[str] = []
+        self.down_since: float | None = None if parent else time.time()
+        self._busy = threading.Event()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="ddray-tracking", daemon=True)
+        self.thread.start()
+
+    def stage(self, result: dict, stage_dir: Path, cached: bool, recheck: bool = False) -> None:
+        """Log a stage's run; `recheck`: first make sure no FINISHED run exists (a stage found in the store)."""
+        self.items.put(("stage", result, stage_dir, cached, recheck))
+
+    def failure(self, label: str, key: str, kind: str, error: str) -> None:
+        self.items.put(("failure", label, key, kind, error))
+
+    def _call(self, item: tuple) -> None:
+        if item[0] == "stage":
+            _, result, stage_dir, cached, recheck = item
+            if not (recheck and self.tracker.finished_child(self.parent, result["key"])):
+                self.tracker.log_stage(self.parent, self.study_id, result, stage_dir, cached, self.driver)
+            self.on_logged(result["key"])
+        else:
+            _, label, key, kind, error = item
+            self.tracker.log_failure(self.parent, self.study_id, label, key, kind, error, self.driver)
+        self.logged += 1
+
+    def _probe(self) -> bool:
+        if self.parent is None:
+            return False
+        try:
+            self.tracker.client.get_run(self.parent)
+        except Exception:
+            return False
+        self.down_since = None
+        for item in self.missing:
+            self.items.put(item)
+        self.missing = []
+        return True
+
+    def _loop(self) -> None:
+        last_probe = 0.0
+        while not self._stop.is_set() or not self.items.empty():
+            try:
+                item = self.items.get(timeout=0.2)
+            except queue.Empty:
+                if self.down_since is not None and time.time() - last_probe > self.probe_s:
+                    last_probe = time.time()
+                    self._probe()
+                continue
+            self._busy.set()
+            try:
+                if self.down_since is not None:
+                    self.missing.append(item)
+                    continue
+                try:
+                    self._call(item)
+                except Exception as exc:  # the server went away: keep the item, stop calling for a while
+                    self.errors.append(redact_text(_reason(exc), self.tracker.uri))
+                    self.missing.append(item)
+                    self.down_since = last_probe = time.time()
+            finally:
+                self.items.task_done()
+                self._busy.clear()
+
+    def drain(self, timeout: float = 120.0) -> dict:
+        """Wait until everything queued is logged (or the server is down); return what happened."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.down_since is None and self.items.unfinished_tasks:
+            time.sleep(0.05)
+        self._stop.set()
+        self.thread.join(timeout=max(0.0, deadline - time.time()) if self.down_since is None else 1.0)
+        left = self.missing + list(self.items.queue)
+        return {"logged": self.logged, "not_logged": len(left), "errors": self.errors[:3],
+                "not_logged_keys": [i[1]["key"] if i[0] == "stage" else i[2] for i in left]}

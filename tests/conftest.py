@@ -4,3 +4,4 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's default for a local ray.init, set explicitly

@@ -42,3 +42,14 @@ def test_fidelity_benchmark_smoke_prints_rows_for_every_method_and_the_random_ba
     for r in result["results"]:
         assert {"method", "ipc", "acc_mean", "acc_std", "budget"} <= set(r) and 0.0 <= r["acc_mean"] <= 1.0
     assert set(result["checks"]) == {"ipc10_beats_ipc1", "ior_ipc10", "all_hold"}
+
+
+@pytest.mark.slow
+def test_orchestration_benchmark_quick_prints_its_json_interface():
+    out = subprocess.run([sys.executable, "benchmarks/orchestration.py", "--quick", "--json"], cwd=ROOT,
+                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True,
+                         timeout=900, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    for key in ("per_stage_overhead_ms", "scale_growth", "tracking_ms_per_stage", "mlflow_floor_ms"):
+        assert isinstance(result[key], float) and result[key] > 0, key
+    assert result["stages"][1] >= 10 * result["stages"][0] * 0.99

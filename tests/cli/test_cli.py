@@ -170,5 +170,5 @@ def test_resources_larger_than_the_cluster_exit_2(tmp_path):
     r = ddray("study", "submit", spec, "--num-cpus", "1", "--store", tmp_path / "store", cwd=tmp_path,
               CUDA_VISIBLE_DEVICES="")
     assert r.returncode == 2, r.stderr
-    assert "resources.distill.gpus: 1 requested but the Ray cluster has 0" in r.stderr
+    assert "resources.distill.gpus: 1 requested but the largest Ray node has 0" in r.stderr
     assert "Traceback" not in r.stderr

@@ -13,11 +13,13 @@ from distill_core.methods.registry import dsa_protocol
 from distill_core.sets import SyntheticSet
 from orchestrator.executors import InlineExecutor
 from orchestrator.graph import build_stage_graph
-from orchestrator.runner import run_graph, submit_study
+from orchestrator.leases import Leases, Owner
+from orchestrator.runner import submit_study
+from orchestrator.scheduler import Scheduler
 from orchestrator.spec import parse_spec
 from orchestrator.stages import execute_stage
 from orchestrator.store import ArtifactStore
-from orchestrator.studies import open_record
+from orchestrator.studies import StudyLog, load_record
 
 TINY = {
     "version": 1,
@@ -31,28 +33,22 @@ TINY = {
 }
 
 
-class FakeTracker:
-    def __init__(self):
-        self.logged, self.failed = [], []
-
-    def log_stage(self, parent, study_id, result, stage_dir, cached):
-        self.logged.append(result["key"])
-
-    def log_failure(self, parent, study_id, stage, error):
-        self.failed.append(stage.key)
-
-
 def schedule(tmp_path, spec, run, cached=()):
     """Run the whole graph through the scheduler with `run` standing in for stage execution."""
     graph = build_stage_graph(spec)
     store = ArtifactStore(tmp_path / "store")
-    stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.input_keys,
-                  "state": "cached" if k in cached else "pending"} for k, s in graph.stages.items()}
-    record = open_record(store, spec.study_id, {"name": spec.name}, stages)
-    events, tracker = [], FakeTracker()
-    state = run_graph(spec, graph, store, record, tracker, "parent", {}, events.append,
-                      InlineExecutor(str(store.root), {}, run))
-    return graph, record, tracker, events, state
+    owner = Owner.here()
+    log = StudyLog(store, spec.study_id, owner)
+    log.start({"name": spec.name}, {k: {"kind": s.kind, "label": s.label, "inputs": s.input_keys,
+                                        "state": "cached" if k in cached else "pending"}
+                                    for k, s in graph.stages.items()})
+    events, executed = [], []
+    leases = Leases(store.root, owner)
+    scheduler = Scheduler(graph, spec.resources, store, log, leases, InlineExecutor(str(store.root), {}, run),
+                          events.append, lambda key, result: (executed.append(key), leases.release(key)))
+    state = scheduler.run()
+    log.finish(state)
+    return graph, log, executed, events, state
 
 
 def test_stages_run_after_their_inputs_and_each_exactly_once(tmp_path):
@@ -63,13 +59,14 @@ def test_stages_run_after_their_inputs_and_each_exactly_once(tmp_path):
         order.append(stage.key)
         return {"key": stage.key, "metrics": {}}
 
-    graph, record, tracker, _, state = schedule(tmp_path, spec, run)
+    graph, log, executed, _, state = schedule(tmp_path, spec, run)
     assert state == "succeeded"
     assert sorted(order) == sorted(graph.stages)  # every stage, once
     position = {k: i for i, k in enumerate(order)}
     assert all(position[i] < position[k] for k, s in graph.stages.items() for i in s.input_keys)
-    assert tracker.logged == order
-    assert record.counts()["executed"] == len(graph.stages)
+    assert executed == order
+    assert log.counts()["executed"] == len(graph.stages)
+    assert not list((tmp_path / "store" / "leases").glob("*.json"))  # every lease released
 
 
 def test_a_failed_stage_skips_only_its_dependents(tmp_path):
@@ -82,15 +79,17 @@ def test_a_failed_stage_skips_only_its_dependents(tmp_path):
             raise RuntimeError("boom")
         return {"key": stage.key}
 
-    graph, record, tracker, events, state = schedule(tmp_path, spec, run)
+    graph, log, executed, events, state = schedule(tmp_path, spec, run)
     assert state == "failed"
-    states = {k: v["state"] for k, v in record.data["stages"].items()}
-    assert states[bad] == "failed" and tracker.failed == [bad]
+    states = log.states
+    assert states[bad] == "failed" and bad not in executed
     guided = [s.key for s in graph.of_kind("distill") if s.config["guidance"] is not None]
     assert all(states[k] == "skipped" for k in guided)
     assert all(states[d] == "skipped" for k in guided for d in graph.dependents(k))
     assert sum(v == "executed" for v in states.values()) == len(graph.stages) - 1 - 2 * len(guided)
-    assert record.data["stages"][bad]["error"] == "RuntimeError: boom"
+    assert log.errors[bad] == "RuntimeError: boom"
+    record = load_record(ArtifactStore(tmp_path / "store"), spec.study_id)  # the same, read back from the log
+    assert {k: v["state"] for k, v in record["stages"].items()} == states and record["state"] == "failed"
 
 
 def test_cached_stages_are_not_run(tmp_path):
@@ -164,3 +163,20 @@ def test_submit_study_inline_end_to_end(tmp_path, monkeypatch):
     assert {r["eval_protocol"] for r in rows} == {"dsa:color_crop_cutout_scale_rotate/2ep"}
     second = submit_study(spec, "spec", **kwargs)
     assert second.counts["cached"] == second.counts["total"] and second.results == rows
+
+
+def test_a_stage_waiting_too_long_to_start_is_reported(tmp_path):
+    import time as clock
+
+    data = {**TINY, "resources": {"evaluate": {"pending_warning_s": 0.01}}}
+    spec = parse_spec(data)
+
+    def slow(stage, root, cpus, gpus, runtime):
+        if stage.kind == "evaluate":
+            clock.sleep(0.6)  # the next queued evaluation waits behind this one
+        return {"key": stage.key}
+
+    _, _, _, events, state = schedule(tmp_path, spec, slow)
+    assert state == "succeeded"
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert any("has waited" in w and "to start" in w for w in warnings), warnings

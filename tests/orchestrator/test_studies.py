@@ -8,7 +8,8 @@ import pytest
 from orchestrator.errors import UserError
 from orchestrator.stages import summarise
 from orchestrator.store import ArtifactStore
-from orchestrator.studies import load_study, open_record, study_results
+from orchestrator.leases import Owner
+from orchestrator.studies import StudyLog, list_studies, load_record, study_results
 
 
 def stored_evaluation(store, key, seed, accs, method="dm"):
@@ -45,12 +46,59 @@ def test_summarise_keeps_every_network():
     assert s["acc_aligned_mean"] == pytest.approx(0.4)  # NaN repeats are left out
 
 
+def started(store, study_id, stages=None, name=None) -> StudyLog:
+    log = StudyLog(store, study_id, Owner.here())
+    log.start({"name": name or study_id.rsplit("-", 1)[0]}, stages or {})
+    return log
+
+
 def test_records_resolve_by_id_prefix_and_name(tmp_path):
     store = ArtifactStore(tmp_path)
-    open_record(store, "alpha-12345678", {"name": "alpha"}, {})
-    open_record(store, "alpine-87654321", {"name": "alpine"}, {})
-    assert load_study(store, "alpha")["study_id"] == "alpha-12345678"
-    assert load_study(store, "alpi")["study_id"] == "alpine-87654321"
+    started(store, "alpha-12345678").finish("succeeded")
+    started(store, "alpine-87654321").finish("succeeded")
+    assert load_record(store, "alpha")["study_id"] == "alpha-12345678"
+    assert load_record(store, "alpi")["study_id"] == "alpine-87654321"
     with pytest.raises(UserError, match="ambiguous"):
-        load_study(store, "al")
-    assert open_record(store, "alpha-12345678", {"name": "alpha"}, {}).data["attempts"] == 2
+        load_record(store, "al")
+    with pytest.raises(UserError, match=r"not found .* \(did you mean 'alpha-12345678'\?\)"):
+        load_record(store, "alpha-12345679")
+    started(store, "alpha-12345678").finish("succeeded")
+    assert load_record(store, "alpha")["attempts"] == 2
+
+
+@pytest.mark.parametrize("bad", ["../../x", "a/b", "", ".hidden", "x" * 200])
+def test_study_ids_from_the_cli_must_name_a_study_inside_the_store(tmp_path, bad):
+    with pytest.raises(UserError, match="study id"):
+        load_record(ArtifactStore(tmp_path), bad)
+
+
+def test_stage_states_are_the_record_plus_the_appended_events(tmp_path):
+    store = ArtifactStore(tmp_path)
+    stages = {k: {"kind": "ptm", "label": k, "state": "pending"} for k in ("a", "b", "c")}
+    log = started(store, "s-1", stages)
+    log.set("a", "running")
+    log.set("a", "executed", attempts=2)
+    log.set("b", "failed", "ValueError: x")
+    rec = load_record(store, "s-1")
+    assert rec["state"] == "running"  # the driver's heartbeat is fresh and it has no final state
+    assert {k: v["state"] for k, v in rec["stages"].items()} == {"a": "executed", "b": "failed", "c": "pending"}
+    assert rec["stages"]["a"]["attempts"] == 2 and rec["stages"]["b"]["error"] == "ValueError: x"
+    assert rec["counts"]["executed"] == 1 and rec["counts"]["failed"] == 1
+    log.finish("failed")
+    assert load_record(store, "s-1")["state"] == "failed"
+    lines = (tmp_path / "studies" / "s-1" / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # one appended line per transition, nothing rewritten
+
+
+def test_a_driver_that_died_is_abandoned_not_running(tmp_path):
+    import json
+
+    store = ArtifactStore(tmp_path)
+    log = started(store, "s-2", {"a": {"kind": "ptm", "label": "a", "state": "pending"}})
+    path = tmp_path / "studies" / "s-2" / "drivers" / f"{log.owner.driver}.json"
+    beat = json.loads(path.read_text())
+    path.write_text(json.dumps({**beat, "pid": 2**22 + 12345}))  # a pid that does not exist on this host
+    assert load_record(store, "s-2")["state"] == "abandoned"
+    path.write_text(json.dumps({**beat, "host": "elsewhere", "heartbeat": beat["heartbeat"] - 3600}))
+    assert load_record(store, "s-2")["state"] == "abandoned"  # another host's driver, silent for an hour
+    assert list_studies(store)[0]["state"] == "abandoned"

@@ -1,0 +1,151 @@
+"""What the orchestration itself costs per stage, and whether that grows with the study.
+
+    python benchmarks/orchestration.py [--quick] [--json]
+
+(a) per_stage_overhead_ms: trivial stages (each writes a tiny result into the
+    store, as a real stage does: temp dir, fsync, rename, manifest, attempt
+    file) through the real scheduler (`orchestrator.scheduler.Scheduler`:
+    readiness counts, leases, the study's append-only event log) with the
+    inline executor, at 1,000 and 10,000 stages; `scale_growth` is
+    time(10,000) / time(1,000) (10x the stages: linear is 10, the target is at
+    most 12). The graph has the study's shape: datasets feeding PTMs feeding
+    distillations, each with two evaluations.
+(b) tracking_ms_per_stage: MLflow logging of one stage's run (create, one
+    log_batch with its params and metrics, terminate) on SQLite through the
+    background `TrackingQueue`, drained before the end, per stage; and
+    `mlflow_floor_ms`, the same three calls made directly, for scale.
+The last stdout line with --json is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.executors import InlineExecutor  # noqa: E402
+from orchestrator.graph import Stage, StageGraph  # noqa: E402
+from orchestrator.leases import Leases, Owner  # noqa: E402
+from orchestrator.scheduler import Scheduler  # noqa: E402
+from orchestrator.spec import ResourcesSpec  # noqa: E402
+from orchestrator.store import ArtifactStore  # noqa: E402
+from orchestrator.studies import StudyLog  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def study_shaped_graph(n: int) -> StageGraph:
+    """About n stages: 1 dataset per 100, 1 PTM per 20, distillations, 2 evaluations per distillation."""
+    graph = StageGraph()
+    ds = ptm = None
+    while len(graph.stages) < n:
+        i = len(graph.stages)
+        if ds is None or i % 100 == 0:
+            ds = graph.add(Stage("dataset", {"i": i}, {}, f"dataset {i}"))
+        if ptm is None or i % 20 == 0:
+            ptm = graph.add(Stage("ptm", {"i": i}, {"dataset": ds.key}, f"ptm {i}"))
+        distill = graph.add(Stage("distill", {"i": i}, {"dataset": ds.key, "ptms": [ptm.key]}, f"distill {i}"))
+        for arch in ("a", "b"):
+            graph.add(Stage("evaluate", {"i": i, "arch": arch}, {"synthetic": distill.key, "dataset": ds.key},
+                            f"eval {arch} {i}"))
+    return graph
+
+
+def trivial_stage(stage: Stage, root: str, cpus, gpus, runtime) -> dict:
+    """What a real stage does to the store, with no compute: an attempt file and one small published stage."""
+    store = ArtifactStore(root)
+    store.record_attempt(stage.key)
+    result = {"key": stage.key, "kind": stage.kind, "label": stage.label, "config": stage.config,
+              "coords": {}, "metrics": {"x": 1.0}, "artifacts": []}
+    store.write_stage(stage.kind, stage.key, {"result.json": json.dumps(result).encode()}, {})
+    return result
+
+
+def run_scheduler(n: int, root: Path) -> dict:
+    graph = study_shaped_graph(n)
+    store = ArtifactStore(root)
+    owner = Owner.here()
+    leases = Leases(store.root, owner)
+    study = StudyLog(store, f"bench-{n}", owner)
+    study.start({"name": "bench"}, {k: {"kind": s.kind, "label": s.label, "inputs": s.input_keys,
+                                        "state": "pending"} for k, s in graph.stages.items()})
+    scheduler = Scheduler(graph, ResourcesSpec(), store, study, leases,
+                          InlineExecutor(str(store.root), {}, trivial_stage), lambda e: None,
+                          lambda key, result: leases.release(key))
+    t0 = time.perf_counter()
+    state = scheduler.run()
+    wall = time.perf_counter() - t0
+    study.finish(state)
+    assert state == "succeeded" and store.attempts(next(iter(graph.stages))) == 1
+    return {"stages": len(graph.stages), "wall_s": wall, "ms_per_stage": 1e3 * wall / len(graph.stages)}
+
+
+def bench_tracking(n: int, root: Path) -> dict:
+    from mlflow.entities import Metric, Param
+
+    from orchestrator.tracking import Tracker, TrackingQueue
+
+    tracker = Tracker(f"sqlite:///{root}/mlflow.db", "bench")
+    tracker.ensure_experiment()
+    parent = tracker.start_parent("bench-1", None, "bench", "h", "spec", "0")
+    config = {"method": "dm", "ipc": 10, "iterations": 1000, "lr_img": 1.0, "arch": "convnet",
+              "arch_options": {"width": 128}, "seed": 0, "options": {}}
+    results = [{"key": f"k{i}", "kind": "distill", "label": f"stage {i}", "config": config,
+                "coords": {"method": "dm", "ipc": 10}, "metrics": {"final_loss": 0.1, "wall_seconds": 1.0},
+                "artifacts": []} for i in range(n)]
+    queue = TrackingQueue(tracker, parent, "bench-1", "d")
+    t0 = time.perf_counter()
+    for r in results:
+        queue.stage(r, root, cached=False)
+    enqueue_s = time.perf_counter() - t0
+    summary = queue.drain(timeout=3600)
+    wall = time.perf_counter() - t0
+    assert summary["logged"] == n and not summary["not_logged"], summary
+
+    client = tracker.client  # the floor: the same three calls, directly
+    t0 = time.perf_counter()
+    for i in range(n):
+        run = client.create_run(tracker.experiment_id, run_name=f"floor {i}")
+        client.log_batch(run.info.run_id, metrics=[Metric("x", 1.0, 0, 0)], params=[Param("p", "1")])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    floor = time.perf_counter() - t0
+    return {"tracking_ms_per_stage": 1e3 * wall / n, "tracking_enqueue_ms_per_stage": 1e3 * enqueue_s / n,
+            "mlflow_floor_ms": 1e3 * floor / n, "tracking_stages": n}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 and 2,000 stages, 100 tracked runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+    small, large, tracked = (200, 2000, 100) if args.quick else (1000, 10000, 300)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for n in (small, large):
+            runs[n] = run_scheduler(n, Path(tmp) / f"store-{n}")
+            log(f"(a) {runs[n]['stages']} trivial stages through the scheduler and store: {runs[n]['wall_s']:.2f} s, "
+                f"{runs[n]['ms_per_stage']:.2f} ms per stage")
+        growth = runs[large]["wall_s"] / runs[small]["wall_s"]
+        log(f"(a) scale_growth {growth:.2f} for {large / small:.0f}x the stages (linear: {large / small:.0f})")
+        tracking = bench_tracking(tracked, Path(tmp))
+        log(f"(b) tracking {tracking['tracking_ms_per_stage']:.1f} ms per stage through the background queue "
+            f"(enqueue {tracking['tracking_enqueue_ms_per_stage']:.3f} ms; the three MLflow calls alone "
+            f"{tracking['mlflow_floor_ms']:.1f} ms)")
+    out = {"per_stage_overhead_ms": runs[large]["ms_per_stage"], "per_stage_overhead_ms_small": runs[small]["ms_per_stage"],
+           "scale_growth": growth, "stages": [runs[small]["stages"], runs[large]["stages"]], **tracking}
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

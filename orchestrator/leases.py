@@ -1,0 +1,140 @@
+"""Leases: one submit computes a stage at a time, however many submits need it.
+
+A lease is a small file `leases/<name>.json` in the store, created with
+O_CREAT | O_EXCL (atomic on POSIX filesystems, NFS v3+ included), naming its
+owner (driver id, host, pid) and an expiry that the owner's heartbeat renews.
+Another driver that needs the stage waits for it to appear in the store; it
+takes a lease over only when the owner is gone: the expiry has passed, or the
+owner is a dead process on this host. Taking over happens under a short-lived
+breaker file (`<name>.json.break`, itself O_EXCL): the taker re-reads the lease
+under it, so two takers cannot both judge one lease stale and each replace it.
+Study-level critical sections (creating the MLflow parent run) use the same
+mechanism under a `study-<id>` name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orchestrator.store import HOST, pid_alive
+
+DEFAULT_TTL_S = 60.0
+BREAKER_STALE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Owner:
+    driver: str
+    host: str
+    pid: int
+
+    @classmethod
+    def here(cls) -> "Owner":
+        return cls(uuid.uuid4().hex[:12], HOST, os.getpid())
+
+    def alive(self) -> bool:
+        """False only when we can tell: a process on this host that no longer exists."""
+        return self.host != HOST or pid_alive(self.pid)
+
+
+class Leases:
+    def __init__(self, root: Path, owner: Owner, ttl: float = DEFAULT_TTL_S):
+        self.dir = Path(root) / "leases"
+        self.owner, self.ttl = owner, ttl
+        self.held: set[str] = set()
+        self._lock = threading.Lock()  # the heartbeat thread renews while the scheduler acquires
+
+    def _path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def holder(self, name: str) -> dict | None:
+        try:
+            return json.loads(self._path(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _body(self) -> bytes:
+        return json.dumps({**asdict(self.owner), "expires": time.time() + self.ttl}).encode()
+
+    def stale(self, info: dict | None) -> bool:
+        if info is None:
+            return True
+        if info.get("expires", 0) < time.time():
+            return True
+        owner = Owner(info.get("driver", ""), info.get("host", ""), int(info.get("pid", 0)))
+        return owner.driver != self.owner.driver and not owner.alive()
+
+    def acquire(self, name: str) -> bool:
+        """Take the lease if it is free or stale; True when this driver holds it."""
+        with self._lock:
+            if name in self.held:
+                return True
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self._path(name)
+            if self._create(path):
+                self.held.add(name)
+                return True
+            if not self.stale(self.holder(name)) or not self._break(path):
+                return False
+            self.held.add(name)
+            return True
+
+    def _create(self, path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._body())
+        return True
+
+    def _break(self, path: Path) -> bool:
+        """Replace a stale lease, under the breaker file; False if someone else is breaking or won it."""
+        breaker = path.with_name(path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:  # a breaker left by a taker that died within its few microseconds
+                if time.time() - breaker.stat().st_mtime > BREAKER_STALE_S:
+                    breaker.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return False
+        os.close(fd)
+        try:
+            if not self.stale(self.holder(path.stem)):  # re-read under the breaker: still stale?
+                return False
+            path.unlink(missing_ok=True)
+            return self._create(path)
+        finally:
+            breaker.unlink(missing_ok=True)
+
+    def renew(self) -> None:
+        """Push every held lease's expiry forward (the driver's heartbeat calls this)."""
+        with self._lock:
+            for name in list(self.held):
+                info = self.holder(name)
+                if info is None or info.get("driver") != self.owner.driver:
+                    self.held.discard(name)  # taken over after we looked dead: no longer ours
+                    continue
+                tmp = self._path(name).with_name(f".{name}.renew-{uuid.uuid4().hex[:6]}")
+                tmp.write_bytes(self._body())
+                os.replace(tmp, self._path(name))
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            if name in self.held:
+                self.held.discard(name)
+                info = self.holder(name)
+                if info is not None and info.get("driver") == self.owner.driver:
+                    self._path(name).unlink(missing_ok=True)
+
+    def release_all(self) -> None:
+        for name in list(self.held):
+            self.release(name)

@@ -1,0 +1,186 @@
+"""Running a stage graph: leases, an executor, timeouts, cancellation, bounded cost per stage.
+
+Readiness is counted, not rescanned: each stage keeps the number of its inputs
+not yet done, and a finished stage decrements its dependents' counts. A
+ready stage is taken from the store if another submit has published it
+meanwhile (`reused`), else computed under its lease, else (another live
+driver holds the lease) it waits, and is polled once a second until it
+appears in the store or the lease falls free. Every transition goes to the
+`StudyLog` (one appended line) and to the subscribers (live view, tracking).
+
+A stage whose input turns out damaged when read (`CorruptArtifact` from the
+worker) has that input verified in full, quarantined and rebuilt once, and
+is then run again. Worker and node deaths are retried by Ray itself
+(`resources.<kind>.retries`); the store records one attempt file per
+execution, so the attempts are counted, not guessed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from orchestrator.executors import Executor
+from orchestrator.graph import StageGraph
+from orchestrator.leases import Leases
+from orchestrator.spec import ResourcesSpec
+from orchestrator.store import ArtifactStore, CorruptArtifact
+from orchestrator.studies import DONE, StudyLog
+
+EventFn = Callable[[dict], None]
+POLL_S = 1.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C (cancel running stages, final states), exit code 143."""
+
+
+SIGTERM_RECEIVED = threading.Event()  # set by the handler: libraries may re-raise a plain KeyboardInterrupt
+
+
+def task_error(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def corrupt_input(exc: BaseException) -> CorruptArtifact | None:
+    cause = getattr(exc, "cause", None) or exc
+    return cause if isinstance(cause, CorruptArtifact) else None
+
+
+class Scheduler:
+    def __init__(self, graph: StageGraph, resources: ResourcesSpec, store: ArtifactStore, log: StudyLog,
+                 leases: Leases, executor: Executor, emit: EventFn, on_executed: Callable[[str, dict], None]):
+        self.graph, self.resources, self.store, self.log = graph, resources, store, log
+        self.leases, self.executor, self.emit, self.on_executed = leases, executor, emit, on_executed
+        self.waiting = {k: sum(log.states[i] not in DONE for i in s.input_keys) for k, s in graph.stages.items()}
+        self.ready: deque[str] = deque(k for k in graph.stages if log.states[k] == "pending" and self.waiting[k] == 0)
+        self.blocked: set[str] = set()  # leased by another live driver
+        self.started: dict[str, float] = {}
+        self.warned: set[str] = set()
+        self.timed_out: set[str] = set()
+        self.rebuilt: set[str] = set()
+
+    # --- transitions --------------------------------------------------------------------------
+
+    def _set(self, key: str, state: str, error: str | None = None, **extra) -> None:
+        self.log.set(key, state, error, **{k: v for k, v in extra.items() if k != "result"})
+        self.emit({"type": "stage", "key": key, "state": state, **({"error": error} if error else {}), **extra})
+
+    def _done(self, key: str) -> None:
+        for dep in self.graph.dependents(key):
+            self.waiting[dep] -= 1
+            if self.waiting[dep] == 0 and self.log.states[dep] == "pending":
+                self.ready.append(dep)
+
+    def _skip_dependents(self, key: str) -> None:
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            for dep in self.graph.dependents(k):
+                if self.log.states[dep] == "pending":
+                    self._set(dep, "skipped", f"input {self.graph.stages[k].label} failed")
+                    stack.append(dep)
+
+    def _start(self, key: str) -> None:
+        """Reuse it from the store, compute it under its lease, or wait for the driver that holds it."""
+        stage = self.graph.stages[key]
+        if self.store.is_complete(stage.kind, key):
+            self.blocked.discard(key)
+            self._set(key, "reused")
+            self._done(key)
+            return
+        if not self.leases.acquire(key):
+            self.blocked.add(key)
+            return
+        self.blocked.discard(key)
+        if self.store.exists(stage.kind, key) and not self.store.is_complete(stage.kind, key, full=True):
+            self.store.quarantine(stage.kind, key)  # verified twice, under the lease: damaged
+            self.emit({"type": "warning", "message": f"stored stage {stage.label} was damaged; rebuilding"})
+        self.executor.submit(stage, getattr(self.resources, stage.kind))
+        self.started[key] = time.time()
+        self._set(key, "running")
+
+    def _finished(self, key: str, result) -> None:
+        stage = self.graph.stages[key]
+        self.started.pop(key, None)
+        attempts = self.store.attempts(key)
+        if not isinstance(result, BaseException):
+            self._set(key, "executed", attempts=attempts, result=result)
+            self.on_executed(key, result)  # tracking; it releases the lease once the run is logged
+            self._done(key)
+            return
+        self.leases.release(key)
+        bad = corrupt_input(result)
+        if bad is not None and bad.key != key and bad.key not in self.rebuilt and bad.key in self.graph.stages:
+            self._rebuild(key, bad)
+            return
+        message = f"timed out after {getattr(self.resources, stage.kind).timeout_s:g} s" \
+            if key in self.timed_out else task_error(result)
+        self._set(key, "failed", message, attempts=attempts)
+        self._skip_dependents(key)
+
+    def _rebuild(self, key: str, bad: CorruptArtifact) -> None:
+        """An input failed its checksum when read: verify it in full, set it aside, rebuild it, run `key` again."""
+        self.rebuilt.add(bad.key)
+        source = self.graph.stages[bad.key]
+        self.emit({"type": "warning", "message": f"stored stage {source.label} failed its checksum; rebuilding it"})
+        if self.leases.acquire(bad.key) and self.store.verify(source.kind, bad.key, full=True):
+            self.store.quarantine(source.kind, bad.key)
+        self.leases.release(bad.key)
+        self._set(key, "pending")
+        self._set(bad.key, "pending")
+        self.waiting[key] += 1
+        for dep in self.graph.dependents(bad.key):  # its other dependents wait for it again too
+            if dep != key and self.log.states[dep] == "pending":
+                self.waiting[dep] += 1
+        self.ready.append(bad.key)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _poll(self) -> str | None:
+        """Once a second: stages leased elsewhere, timeouts, stages waiting for a node, cancellation."""
+        for key in list(self.blocked):
+            self._start(key)
+        now = time.time()
+        for key, t0 in list(self.started.items()):
+            res = getattr(self.resources, self.graph.stages[key].kind)
+            if res.timeout_s and now - t0 > res.timeout_s and key not in self.timed_out:
+                self.timed_out.add(key)
+                self.executor.cancel(key)
+            if key not in self.warned and now - t0 > res.pending_warning_s and not self.store.attempts(key):
+                self.warned.add(key)
+                self.emit({"type": "warning", "message": f"{self.graph.stages[key].label} has waited {now - t0:.0f} s "
+                                                         f"to start: {self.executor.why_pending(res)}"})
+        return "cancelled" if self.log.cancel_requested() else None
+
+    def run(self) -> str:
+        last_poll = time.time()
+        try:
+            while True:
+                while self.ready:
+                    self._start(self.ready.popleft())
+                if not self.executor.running() and not self.blocked:
+                    break
+                finished = self.executor.next_done(timeout=0.2)
+                if finished is not None:
+                    self._finished(*finished)
+                if time.time() - last_poll >= POLL_S:
+                    last_poll = time.time()
+                    if self._poll() == "cancelled":
+                        self._stop()
+                        return "cancelled"
+        except KeyboardInterrupt as exc:
+            self._stop()
+            return "terminated" if isinstance(exc, Terminated) or SIGTERM_RECEIVED.is_set() else "interrupted"
+        states = self.log.states.values()
+        return "failed" if any(s in ("failed", "skipped") for s in states) else "succeeded"
+
+    def _stop(self) -> None:
+        self.executor.cancel()
+        for key, state in list(self.log.states.items()):
+            if state == "running":
+                self._set(key, "pending")
