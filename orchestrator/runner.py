@@ -28,7 +28,7 @@ from orchestrator.errors import UserError
 from orchestrator.executors import Executor, RayExecutor, ensure_ray
 from orchestrator.graph import MAX_STAGES, StageGraph, build_stage_graph
 from orchestrator.leases import Leases, Owner
-from orchestrator.scheduler import SIGTERM_RECEIVED, Scheduler, Terminated
+from orchestrator.scheduler import STOP, Scheduler, Terminated
 from orchestrator.spec import StudySpec
 from orchestrator.store import ArtifactStore
 from orchestrator.studies import HEARTBEAT_S, StudyLog, load_record, study_results
@@ -106,21 +106,23 @@ def check_data(spec: StudySpec, graph: StageGraph, cached: set[str]) -> None:
 
 @contextmanager
 def signals_as_interrupts():
-    """SIGTERM raises `Terminated` in the main thread, so it ends a study like Ctrl-C does."""
+    """SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread, and both are
+    remembered (`STOP`), so either ends a study with every running stage cancelled and final states."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminate(signum, frame):
-        SIGTERM_RECEIVED.set()
-        raise Terminated()
+    def stop(signum, frame):
+        STOP.set("SIGTERM" if signum == signal.SIGTERM else "SIGINT")
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    SIGTERM_RECEIVED.clear()
-    previous = signal.signal(signal.SIGTERM, terminate)
+    STOP.clear()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Heartbeat:

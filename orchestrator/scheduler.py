@@ -17,7 +17,6 @@ execution, so the attempts are counted, not guessed.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from typing import Callable
@@ -37,7 +36,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: handled like Ctrl-C (cancel running stages, final states), exit code 143."""
 
 
-SIGTERM_RECEIVED = threading.Event()  # set by the handler: libraries may re-raise a plain KeyboardInterrupt
+class StopSignal:
+    """The signal (SIGINT or SIGTERM) that asked this driver to stop, set by its handler.
+
+    The handler also raises, but a library call (Ray's waits among them) may
+    swallow a KeyboardInterrupt: the scheduler checks this flag every loop too.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def set(self, name: str) -> None:
+        self.received = name
+
+    def clear(self) -> None:
+        self.received = None
+
+
+STOP = StopSignal()
 
 
 def task_error(exc: BaseException) -> str:
@@ -168,6 +184,8 @@ class Scheduler:
                 finished = self.executor.next_done(timeout=0.2)
                 if finished is not None:
                     self._finished(*finished)
+                if STOP.received:
+                    raise Terminated() if STOP.received == "SIGTERM" else KeyboardInterrupt()
                 if time.time() - last_poll >= POLL_S:
                     last_poll = time.time()
                     if self._poll() == "cancelled":
@@ -175,7 +193,7 @@ class Scheduler:
                         return "cancelled"
         except KeyboardInterrupt as exc:
             self._stop()
-            return "terminated" if isinstance(exc, Terminated) or SIGTERM_RECEIVED.is_set() else "interrupted"
+            return "terminated" if isinstance(exc, Terminated) or STOP.received == "SIGTERM" else "interrupted"
         states = self.log.states.values()
         return "failed" if any(s in ("failed", "skipped") for s in states) else "succeeded"
 
