@@ -2,6 +2,15 @@
 
     python benchmarks/orchestration.py [--quick] [--json]
 
+(s) speedup / efficiency: a small real study (real digits, a pool of 4 ConvNet PTMs,
+    4 DM distillations (seeds), every set evaluated on two networks: wide, as an
+    ablation grid is) through ddray on a local Ray with 2 CPUs, against the same stage
+    functions called one after another in this process on 1 thread. `speedup` is
+    serial wall / ddray wall (Ray's start included); `efficiency` is (the sum of the
+    stages' own compute times / CPUs) / ddray wall. The same study runs again through
+    the warm-actor path (`resources.executor: actors`) for the side-by-side figures
+    (`actor_speedup`, `actor_efficiency`). `cached_resubmit_s` is the wall clock of
+    `ddray study submit` (a new process, as a user runs it) when every stage is stored.
 (a) per_stage_overhead_ms: trivial stages (each writes a tiny result into the
     store, as a real stage does: temp dir, fsync, rename, manifest, attempt
     file) through the real scheduler (`orchestrator.scheduler.Scheduler`:
@@ -28,6 +37,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import subprocess  # noqa: E402
+
+import yaml  # noqa: E402
 
 from orchestrator.executors import InlineExecutor  # noqa: E402
 from orchestrator.graph import Stage, StageGraph  # noqa: E402
@@ -88,6 +101,70 @@ def run_scheduler(n: int, root: Path) -> dict:
     return {"stages": len(graph.stages), "wall_s": wall, "ms_per_stage": 1e3 * wall / len(graph.stages)}
 
 
+def small_study(epochs: int, iterations: int, eval_epochs: int, executor: str = "tasks") -> dict:
+    return {
+        "version": 1, "name": f"bench-{executor}",
+        "datasets": [{"name": "cdigits", "source": "digits", "bias": "colored", "aligned_ratios": [0.5]}],
+        "ptm_pools": [{"name": "pool", "dataset": "cdigits", "architectures": [{"name": "convnet", "width": 32}],
+                       "seeds": [0, 1, 2, 3], "epochs": epochs}],
+        "distillation": {"methods": ["dm"], "ipc": [10], "iterations": iterations, "seeds": [0, 1, 2, 3],
+                         "arch": {"name": "convnet", "width": 32}, "batch_real": 32},
+        "evaluation": {"architectures": [{"name": "convnet", "width": 32}, "mlp"], "repeats": 1,
+                       "epochs": eval_epochs, "checkpoints": 2},
+        "resources": {"executor": executor},
+        "runtime": {"compile": False},  # compilation would be paid per process: not what is measured here
+    }
+
+
+def bench_study(root: Path, sizes: tuple[int, int, int]) -> dict:
+    import ray
+
+    from orchestrator.graph import build_stage_graph
+    from orchestrator.runner import submit_study
+    from orchestrator.spec import parse_spec
+    from orchestrator.stages import execute_stage
+
+    out = {}
+    spec = parse_spec(small_study(*sizes))
+    graph = build_stage_graph(spec)
+    t0 = time.perf_counter()  # the baseline: every stage in this process, one after another, 1 thread
+    for stage in graph.stages.values():
+        execute_stage(stage, str(root / "serial"), 1, 0, spec.runtime.model_dump(exclude={"device"}))
+    serial = time.perf_counter() - t0
+    out["serial_s"] = serial
+    log(f"(s) {len(graph.stages)} stages one after another in one process: {serial:.1f} s")
+    for executor in ("tasks", "actors"):
+        spec = parse_spec(small_study(*sizes, executor=executor))
+        store = root / executor
+        t0 = time.perf_counter()
+        result = submit_study(spec, yaml.safe_dump(small_study(*sizes, executor=executor)), store_root=str(store),
+                              tracking_uri=f"sqlite:///{root}/{executor}.db", num_cpus=2)
+        wall = time.perf_counter() - t0
+        ray.shutdown()
+        assert result.state == "succeeded", result.errors
+        compute = sum(json.loads(p.read_text())["metrics"]["wall_seconds"] for p in store.glob("stages/*/*/result.json"))
+        prefix = "" if executor == "tasks" else "actor_"
+        out[f"{prefix}wall_s"] = wall
+        out[f"{prefix}speedup"] = serial / wall
+        out[f"{prefix}efficiency"] = compute / 2 / wall
+        log(f"(s) through ddray, {executor}: {wall:.1f} s on 2 CPUs -> speedup {serial / wall:.2f}, "
+            f"efficiency {compute / 2 / wall:.2f} ({compute:.1f} s of stage compute)")
+    spec_file = root / "study.yaml"
+    spec_file.write_text(yaml.safe_dump(small_study(*sizes)))
+    cmd = [sys.executable, "-m", "cli.main", "study", "submit", str(spec_file), "--json", "--store",
+           str(root / "tasks"), "--tracking-uri", f"sqlite:///{root}/tasks.db"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    times = []
+    for _ in range(2):  # the first resubmit notes that every run is tracked; the second is the one a user repeats
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        times.append(time.perf_counter() - t0)
+        assert r.returncode == 0 and '"cached": %d' % len(graph.stages) in r.stdout, r.stderr[-1000:]
+    out["cached_resubmit_s"] = times[-1]
+    log(f"(s) cached resubmit (ddray study submit, a new process): {times[-1]:.1f} s (the first: {times[0]:.1f} s)")
+    return out
+
+
 def bench_tracking(n: int, root: Path) -> dict:
     from mlflow.entities import Metric, Param
 
@@ -104,7 +181,7 @@ def bench_tracking(n: int, root: Path) -> dict:
     queue = TrackingQueue(tracker, parent, "bench-1", "d")
     t0 = time.perf_counter()
     for r in results:
-        queue.stage(r, root, cached=False)
+        queue.stage(r, ArtifactStore(root), cached=False)
     enqueue_s = time.perf_counter() - t0
     summary = queue.drain(timeout=3600)
     wall = time.perf_counter() - t0
@@ -123,12 +200,16 @@ def bench_tracking(n: int, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200 and 2,000 stages, 100 tracked runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller study, 200 and 2,000 trivial stages, 100 tracked runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     small, large, tracked = (200, 2000, 100) if args.quick else (1000, 10000, 300)
+    study_sizes = (2, 30, 20) if args.quick else (12, 300, 200)  # PTM epochs, DM iterations, evaluation epochs
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with tempfile.TemporaryDirectory() as tmp:
+        study = bench_study(Path(tmp) / "study", study_sizes)
         runs = {}
         for n in (small, large):
             runs[n] = run_scheduler(n, Path(tmp) / f"store-{n}")
@@ -140,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"(b) tracking {tracking['tracking_ms_per_stage']:.1f} ms per stage through the background queue "
             f"(enqueue {tracking['tracking_enqueue_ms_per_stage']:.3f} ms; the three MLflow calls alone "
             f"{tracking['mlflow_floor_ms']:.1f} ms)")
-    out = {"per_stage_overhead_ms": runs[large]["ms_per_stage"], "per_stage_overhead_ms_small": runs[small]["ms_per_stage"],
+    out = {**study, "per_stage_overhead_ms": runs[large]["ms_per_stage"], "per_stage_overhead_ms_small": runs[small]["ms_per_stage"],
            "scale_growth": growth, "stages": [runs[small]["stages"], runs[large]["stages"]], **tracking}
     if args.json:
         print(json.dumps(out))

@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli import render
 from orchestrator.errors import UserError
@@ -32,6 +33,9 @@ out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 StoreOpt = typer.Option(None, "--store", help="Artifact store root (default: the spec's store.root, else ./ddray-store).")
+AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                          help="Ray cluster: http://HEAD:8265 (Jobs API: the driver runs on the cluster), "
+                               "ray://HEAD:10001 or HOST:PORT (a driver here); default: a local Ray.")
 MaxStagesOpt = typer.Option(100_000, "--max-stages", min=1, help="Refuse a study whose grid expands to more stages.")
 # exit codes of a submit that did not succeed: failed stages 1, Ctrl-C 130, SIGTERM 143, cancelled 1
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 1, "interrupted": 130, "terminated": 143}
@@ -44,8 +48,8 @@ def handles_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            for line in exc.lines:
-                err.print(f"[red]error:[/red] {line}", markup=True, highlight=False)
+            for line in exc.lines:  # user text may hold brackets (labels like d[p=0.1,s=1]): not markup
+                err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False)
             raise typer.Exit(2)
         except KeyboardInterrupt as exc:
             from orchestrator.scheduler import Terminated
@@ -57,15 +61,15 @@ def handles_errors(fn):
         except Exception as exc:  # a bug, not bad input: still one line unless debugging
             if os.environ.get("DDRAY_DEBUG"):
                 raise
-            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc).splitlines()[0]) if str(exc) else ''} "
                       "(set DDRAY_DEBUG=1 for the traceback)", highlight=False)
             raise typer.Exit(1)
     return wrapper
 
 
 def _store(path: Optional[str]):
-    from orchestrator.store import ArtifactStore
-    return ArtifactStore(path or "./ddray-store")
+    from orchestrator.object_store import open_store
+    return open_store(path or "./ddray-store")
 
 
 # --- study ------------------------------------------------------------------------------------------
@@ -91,47 +95,112 @@ def study_submit(
     store: Optional[str] = StoreOpt,
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="Override the spec's tracking.uri."),
-    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                                          help="Ray cluster address (default: start a local Ray)."),
+    address: Optional[str] = AddressOpt,
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus",
                                            help="CPUs for the local Ray (default: all this process may use)."),
     max_stages: int = MaxStagesOpt,
+    no_wait: bool = typer.Option(False, "--no-wait", help="With a Jobs API address: return once submitted."),
+    events: bool = typer.Option(False, "--events", hidden=True, help="Print every event as a JSON line (jobs)."),
 ):
-    """Run a study: every stage not already in the store, in parallel on Ray."""
+    """Run a study: every stage not already in the store, in parallel on Ray (here, or as a job on a cluster)."""
+    from orchestrator.jobs import is_jobs_address
     from orchestrator.runner import submit_study
     from orchestrator.spec import load_spec
 
     s = load_spec(spec)
+    if is_jobs_address(address):
+        return _submit_job(s, spec, address, store, tracking_uri, max_stages, json_out, no_wait)
     view = render.ProgressView(err)
+    on_event = view if not events else render.EventPrinter(view)
     try:
         outcome = submit_study(s, Path(spec).read_text(), store_root=store, tracking_uri=tracking_uri,
-                               address=address, num_cpus=num_cpus, on_event=view, max_stages=max_stages)
+                               address=address, num_cpus=num_cpus, on_event=on_event, max_stages=max_stages)
     finally:
         view.stop()
-    if outcome.results:
-        out.print(render.results_table(outcome.results, f"results of {outcome.study_id}"))
-    for key, message in outcome.errors.items():
-        err.print(f"[red]stage {key}:[/red] {message}", highlight=False)
-    c = outcome.summary()["stages"]
-    err.print(f"study {outcome.study_id} {outcome.state}: {c['total']} stages, {c['executed']} executed, "
+    if events:
+        on_event({"type": "results", "rows": outcome.results, "errors": outcome.errors,
+                  "attempts": outcome.attempts, "tracking": outcome.tracking})
+    _report(outcome.study_id, outcome.state, outcome.results, outcome.errors, outcome.summary(), outcome.attempts,
+            outcome.tracking, json_out)
+
+
+def _report(study_id, state, results, errors, summary, attempts, tracking, json_out) -> None:
+    if results:
+        out.print(render.results_table(results, f"results of {study_id}"))
+    for key, message in errors.items():
+        err.print(f"[red]stage {key}:[/red] {escape(message)}", highlight=False)
+    c = summary["stages"]
+    err.print(f"study {study_id} {state}: {c['total']} stages, {c['executed']} executed, "
               f"{c['cached']} cached, {c['failed']} failed or skipped", highlight=False)
-    for label, n in outcome.attempts.items():
+    for label, n in attempts.items():
         err.print(f"retried: {label} took {n} attempts", highlight=False)
-    if outcome.tracking.get("not_logged"):
-        err.print(f"[yellow]tracking:[/yellow] {outcome.tracking['not_logged']} run(s) could not be logged; "
-                  f"the results are in the store: run `ddray study sync {outcome.study_id}`", highlight=False)
+    if tracking.get("not_logged"):
+        err.print(f"[yellow]tracking:[/yellow] {tracking['not_logged']} run(s) could not be logged; "
+                  f"the results are in the store: run `ddray study sync {study_id}`", highlight=False)
     if json_out:
-        print(render.json_line(outcome.summary()))
-    if outcome.state != "succeeded":
-        raise typer.Exit(EXIT_CODES.get(outcome.state, 1))
+        print(render.json_line(summary))
+    if state != "succeeded":
+        raise typer.Exit(EXIT_CODES.get(state, 1))
+
+
+def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, json_out, no_wait) -> None:
+    """The study's driver as a Ray job on the cluster; this command follows it (or returns with --no-wait)."""
+    from orchestrator.jobs import Cluster, check_cluster_paths
+    from orchestrator.tracking import check_uri, redact
+
+    store_root, uri = store or s.store.root, tracking_uri or s.tracking.uri
+    check_uri(uri)
+    check_cluster_paths(store_root, uri)
+    cluster = Cluster(address)
+    # the URI travels without its password: the cluster's drivers take MLFLOW_TRACKING_* from their environment
+    args = ["--store", store_root, "--tracking-uri", redact(uri), "--max-stages", str(max_stages)]
+    submission, attached = cluster.submit(s.study_id, s.name, spec, args)
+    err.print(f"study {s.study_id}: {'following the running' if attached else 'submitted'} job {submission} "
+              f"on {address}", highlight=False)
+    if no_wait:
+        print(render.json_line({"study_id": s.study_id, "submission_id": submission,
+                                "state": "running" if attached else "submitted"}))
+        return
+    view = render.ProgressView(err)
+    results: dict = {}
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "results":
+            results.update(event)
+        else:
+            view(event)
+
+    try:
+        summary = cluster.follow(submission, on_event)
+    finally:
+        view.stop()
+    if "stages" not in summary:  # the job ended without a summary: it died before or outside the study
+        raise UserError(f"ray: job {submission} ended {summary.get('job_status')} without a study summary; "
+                        f"see `ddray study logs {s.study_id} --address {address}`")
+    _report(s.study_id, summary["state"], results.get("rows", []), results.get("errors", {}), summary,
+            results.get("attempts", {}), results.get("tracking", {}), json_out)
 
 
 @study_app.command("status")
 @handles_errors
-def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), store: Optional[str] = StoreOpt):
+def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), store: Optional[str] = StoreOpt,
+                 address: Optional[str] = AddressOpt):
     """State of a study (running, succeeded, failed, interrupted, cancelled, abandoned) and of its stages."""
+    from orchestrator.jobs import Cluster, is_jobs_address
     from orchestrator.studies import load_record
 
+    if is_jobs_address(address):
+        status = Cluster(address).status(study_id)
+        if json_out:
+            print(render.json_line({**status, "stages": {k: {x: v.get(x) for x in ("kind", "label", "state")}
+                                                         for k, v in status["stages"].items()}}))
+            return
+        out.print(f"study {study_id}: [bold]{status['state']}[/bold] (job {status['job']}: {status['job_status']})",
+                  highlight=False)
+        view = render.ProgressView(out)
+        view.study_id, view.stages = study_id, status["stages"]
+        out.print(view.render())
+        return
     rec = load_record(_store(store), study_id)
     summary = {"study_id": rec["study_id"], "state": rec["state"], "counts": rec["counts"],
                "attempts": rec.get("attempts", 1), "parent_run_id": rec.get("parent_run_id"),
@@ -153,7 +222,7 @@ def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), 
     out.print(view.render())
     for st in rec["stages"].values():
         if st.get("error"):
-            out.print(f"[red]{st['state']}[/red] {st['label']}: {st['error']}", highlight=False)
+            out.print(f"[red]{st['state']}[/red] {escape(st['label'])}: {escape(st['error'])}", highlight=False)
 
 
 @study_app.command("list")
@@ -178,12 +247,46 @@ def study_list(json_out: bool = typer.Option(False, "--json"), store: Optional[s
     out.print(table)
 
 
+@study_app.command("logs")
+@handles_errors
+def study_logs(study_id: str,
+               stage: Optional[str] = typer.Argument(None, help="A stage key (or prefix) or part of its label."),
+               store: Optional[str] = StoreOpt,
+               tail: int = typer.Option(40, "--tail", help="Transitions shown when no stage is named."),
+               address: Optional[str] = AddressOpt):
+    """A stage's log (every attempt), the study's latest transitions, or with --address its job's driver log."""
+    from orchestrator.jobs import Cluster, is_jobs_address
+    from orchestrator.object_store import open_store
+    from orchestrator.studies import load_record, stage_matching
+
+    if is_jobs_address(address) and stage is None:
+        sys.stdout.write(Cluster(address).logs(study_id))
+        return
+    st = open_store(store or "./ddray-store")
+    rec = load_record(st, study_id)
+    if stage is None:
+        for line in render.transitions(rec, tail):
+            out.print(line, highlight=False, markup=False)
+        return
+    key, info = stage_matching(rec, stage)
+    logs = st.stage_logs(key)
+    if not logs:
+        raise UserError(f"stage '{info['label']}' ({key}): no log in the store (state {info['state']})")
+    for attempt, text in logs:
+        out.print(f"--- {info['label']} ({key}), attempt {attempt} ---", highlight=False, markup=False)
+        out.print(text.rstrip(), highlight=False, markup=False)
+
+
 @study_app.command("cancel")
 @handles_errors
-def study_cancel(study_id: str, store: Optional[str] = StoreOpt):
+def study_cancel(study_id: str, store: Optional[str] = StoreOpt, address: Optional[str] = AddressOpt):
     """Ask a running study to stop: running stages are cancelled, finished ones stay in the store."""
+    from orchestrator.jobs import Cluster, is_jobs_address
     from orchestrator.studies import request_cancel
 
+    if is_jobs_address(address):
+        out.print(f"study {study_id}: stopping job {Cluster(address).cancel(study_id)}", highlight=False)
+        return
     rec = request_cancel(_store(store), study_id)
     if rec["state"] != "running":
         out.print(f"study {rec['study_id']} is {rec['state']}, not running; nothing to cancel", highlight=False)

@@ -6,9 +6,11 @@ import csv
 import io
 import json
 import math
+import time
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.graph import STAGE_KINDS
@@ -37,8 +39,29 @@ def fmt(v) -> str:
     return str(v)
 
 
+def eta(stages: dict[str, dict], run_s: dict[str, list[float]], started: float, now: float) -> str | None:
+    """Time left: each kind's remaining stages x its mean run time so far, over the concurrency seen so far."""
+    done = sum(len(v) for v in run_s.values())
+    if not done:
+        return None
+    busy = sum(sum(v) for v in run_s.values())
+    concurrency = max(1.0, busy / max(1e-6, now - started))
+    left = 0.0
+    for kind, times in run_s.items():
+        remaining = sum(1 for st in stages.values() if st["kind"] == kind and st["state"] in ("pending", "running"))
+        left += remaining * sum(times) / len(times)
+    unknown = any(st["state"] in ("pending", "running") and st["kind"] not in run_s for st in stages.values())
+    seconds = left / concurrency
+    text = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return f"ETA ~{text}" + (" (+ kinds not yet timed)" if unknown else "")
+
+
 class ProgressView:
-    """Live table of stages by kind and state, with the stages running now."""
+    """Live table of stages by kind and state, the stages running now, and an ETA.
+
+    On a terminal it redraws in place; piped (CI logs) it prints one plain line
+    per finished or failed stage instead.
+    """
 
     def __init__(self, console: Console):
         self.console = console
@@ -46,23 +69,37 @@ class ProgressView:
         self.study_id = ""
         self.live: Live | None = None
         self.notes: list[str] = []
+        self.run_s: dict[str, list[float]] = {}
+        self.started = time.time()
 
     def __call__(self, event: dict) -> None:
         t = event["type"]
         if t == "start":
             self.study_id = event["study_id"]
             self.stages = {k: dict(v) for k, v in event["stages"].items()}
-            self.console.print(f"study [bold]{self.study_id}[/bold] (store {event.get('store')}, tracking "
+            self.started = time.time()
+            self.console.print(f"study [bold]{escape(self.study_id)}[/bold] (store {event.get('store')}, tracking "
                                f"{event.get('tracking_uri')}, MLflow parent run {event['parent_run_id']})",
                                highlight=False)
-            self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
-            self.live.start()
+            if self.console.is_terminal:
+                self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
+                self.live.start()
         elif t == "stage" and event["key"] in self.stages:
-            self.stages[event["key"]]["state"] = event["state"]
+            st = self.stages[event["key"]]
+            st["state"] = event["state"]
+            if event["state"] == "executed" and event.get("run_s") is not None:
+                self.run_s.setdefault(st["kind"], []).append(event["run_s"])
             if event["state"] == "failed":
-                self.notes.append(f"[red]failed[/red] {self.stages[event['key']]['label']}: {event.get('error', '')}")
+                self.notes.append(f"[red]failed[/red] {escape(st['label'])}: {escape(event.get('error', ''))}")
+            if self.live is None and event["state"] in ("executed", "failed", "reused"):
+                done = sum(1 for v in self.stages.values() if v["state"] not in ("pending", "running"))
+                self.console.print(f"[{done}/{len(self.stages)}] {event['state']} {st['label']}"
+                                   + (f": {event.get('error')}" if event.get("error") else ""),
+                                   markup=False, highlight=False)
         elif t == "warning":
-            self.notes.append(f"[yellow]warning[/yellow] {event['message']}")
+            self.notes.append(f"[yellow]warning[/yellow] {escape(event['message'])}")
+            if self.live is None:
+                self.console.print(f"warning: {event['message']}", markup=False, highlight=False)
         elif t == "end" and self.live is not None:
             self.live.update(self.render())
             self.live.stop()
@@ -72,7 +109,7 @@ class ProgressView:
             self.live.update(self.render())
 
     def render(self):
-        table = Table(title=f"stages of {self.study_id}", show_lines=False)
+        table = Table(title=f"stages of {escape(self.study_id)}", show_lines=False)
         table.add_column("kind")
         for s in STATES:
             table.add_column(s, justify="right", style=STATE_STYLE[s])
@@ -81,8 +118,9 @@ class ProgressView:
             if states:
                 table.add_row(kind, *[str(states.count(s)) for s in STATES])
         running = [v["label"] for v in self.stages.values() if v["state"] == "running"][:8]
-        lines = [f"[yellow]running[/yellow] {label}" for label in running] + self.notes[-5:]
-        return Group(table, *lines)
+        lines = [f"[yellow]running[/yellow] {escape(label)}" for label in running] + self.notes[-5:]
+        left = eta(self.stages, self.run_s, self.started, time.time())
+        return Group(table, *([left] if left else []), *lines)
 
     def stop(self) -> None:
         if self.live is not None:
@@ -136,6 +174,38 @@ def counts_table(counts: dict, title: str) -> Table:
         table.add_row(str(i), *[str(counts[c][i]) for c in cols])
     table.add_row("total", *[str(sum(counts[c])) for c in cols], style="bold")
     return table
+
+
+class EventPrinter:
+    """Prints every event as one `ddray-event {json}` line on stdout (what the job's follower reads), and
+    passes it on to `then` (the live view, which draws on stderr)."""
+
+    def __init__(self, then):
+        self.then = then
+
+    def __call__(self, event: dict) -> None:
+        from orchestrator.jobs import EVENT_PREFIX
+
+        shown = {k: v for k, v in event.items() if k != "result"}  # a stage's full result stays in the store
+        print(EVENT_PREFIX + json_line(shown), flush=True)
+        if event["type"] != "results":
+            self.then(event)
+
+
+def transitions(record: dict, tail: int) -> list[str]:
+    """The study's latest stage transitions, one line each."""
+    import time
+    from pathlib import Path
+
+    from orchestrator.studies import transitions as read
+
+    lines = []
+    for e in read(Path(record["dir"]), record, tail):
+        label = record["stages"].get(e["key"], {}).get("label", e["key"])
+        when = time.strftime("%H:%M:%S", time.localtime(e["t"]))
+        extra = f" ({e['error']})" if e.get("error") else f" on {e['host']}" if e.get("host") else ""
+        lines.append(f"{when} {e['state']:<9} {label}{extra}")
+    return lines or [f"study {record['study_id']}: no transitions yet"]
 
 
 def json_line(obj) -> str:

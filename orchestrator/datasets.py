@@ -54,8 +54,7 @@ def build_variants(ds: DatasetSpec, store: ArtifactStore, cpus: float = 1.0) -> 
 def find_dataset(store: ArtifactStore, name: str) -> dict:
     """A stored dataset variant by key (or key prefix) or by label, e.g. `digits[p=0.95,s=1]`."""
     found = []
-    for manifest in sorted((store.root / "stages" / "dataset").glob("*/manifest.json")):
-        key = manifest.parent.name
+    for key in store.stage_keys("dataset"):
         result = store.read_json("dataset", key, "result.json")
         if key.startswith(name) or key.removeprefix("dataset-").startswith(name) or result["label"] == name:
             found.append(result)

@@ -43,6 +43,14 @@ class Owner:
         return self.host != HOST or pid_alive(self.pid)
 
 
+def lease_stale(info: dict | None, me: Owner) -> bool:
+    """A lease anyone may take: absent, expired, or held by another driver that is a dead process here."""
+    if info is None or info.get("expires", 0) < time.time():
+        return True
+    owner = Owner(info.get("driver", ""), info.get("host", ""), int(info.get("pid", 0)))
+    return owner.driver != me.driver and not owner.alive()
+
+
 class Leases:
     def __init__(self, root: Path, owner: Owner, ttl: float = DEFAULT_TTL_S):
         self.dir = Path(root) / "leases"
@@ -63,12 +71,7 @@ class Leases:
         return json.dumps({**asdict(self.owner), "expires": time.time() + self.ttl}).encode()
 
     def stale(self, info: dict | None) -> bool:
-        if info is None:
-            return True
-        if info.get("expires", 0) < time.time():
-            return True
-        owner = Owner(info.get("driver", ""), info.get("host", ""), int(info.get("pid", 0)))
-        return owner.driver != self.owner.driver and not owner.alive()
+        return lease_stale(info, self.owner)
 
     def acquire(self, name: str) -> bool:
         """Take the lease if it is free or stale; True when this driver holds it."""

@@ -25,15 +25,16 @@ import yaml
 from distill_core import __version__
 from distill_core.data import DatasetUnavailable, load_source
 from orchestrator.errors import UserError
-from orchestrator.executors import Executor, RayExecutor, ensure_ray
+from orchestrator.executors import ActorExecutor, Executor, InlineExecutor, RayExecutor, ensure_ray
 from orchestrator.graph import MAX_STAGES, StageGraph, build_stage_graph
 from orchestrator.leases import Leases, Owner
 from orchestrator.scheduler import STOP, Scheduler, Terminated
 from orchestrator.spec import StudySpec
+from orchestrator.object_store import open_leases, open_store
 from orchestrator.store import ArtifactStore
 from orchestrator.studies import HEARTBEAT_S, StudyLog, load_record, study_results
-from orchestrator.tracking import Tracker, redact
-from orchestrator.tracking_session import TrackingSession
+from orchestrator.tracking import Tracker, check_uri, redact
+from orchestrator.tracking_session import NoTracking, TrackingSession, fully_tracked
 
 EventFn = Callable[[dict], None]
 
@@ -125,6 +126,33 @@ def signals_as_interrupts():
             signal.signal(sig, handler)
 
 
+def _checked_tracker(uri: str, experiment: str) -> Tracker:
+    tracker = Tracker(uri, experiment)
+    tracker.check()
+    return tracker
+
+
+class Background:
+    """`fn()` in a thread; `result()` waits for it and re-raises what it raised."""
+
+    def __init__(self, fn: Callable):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable) -> None:
+        try:
+            self.value = fn()
+        except BaseException as exc:  # handed to the caller of result()
+            self.error = exc
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Heartbeat:
     """Renews this driver's leases and heartbeat file every few seconds, from a thread."""
 
@@ -158,42 +186,54 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
                  executor: Callable[[str, dict], Executor] | None = None) -> StudyOutcome:
     """Run every stage of `spec` not already in the store; `executor(store_root, runtime)` defaults to Ray."""
     emit = on_event or (lambda event: None)
-    store = ArtifactStore(store_root or spec.store.root)
+    store = open_store(store_root or spec.store.root)
     graph = build_stage_graph(spec, max_stages)
-    tracker = Tracker(tracking_uri or spec.tracking.uri, spec.experiment_name)
+    uri = tracking_uri or spec.tracking.uri
+    check_uri(uri)
 
     # --- preflight: nothing is written before these pass -----------------------------------------
     if address:
         check_reachable(address)
-    tracker.check()
     cached = {k for k, s in graph.stages.items() if store.is_complete(s.kind, k)}
-    check_data(spec, graph, cached)
-    if executor is None:
+    # nothing to compute and every run already in MLflow: neither Ray nor the tracking server is needed
+    tracked_parent = fully_tracked(store, spec.study_id, redact(uri), spec.experiment_name, graph.stages) \
+        if len(cached) == len(graph.stages) else None
+    # the tracking check (importing MLflow, opening its DB) and the data check run beside Ray's start-up
+    opening = None if tracked_parent is not None else Background(lambda: _checked_tracker(uri, spec.experiment_name))
+    data = Background(lambda: check_data(spec, graph, cached))
+    if executor is None and len(cached) == len(graph.stages):
+        executor = InlineExecutor  # nothing to compute: no Ray is started (it never gets a stage)
+    elif executor is None:
         ensure_ray(address, num_cpus)
         check_resources(spec, graph)
-        executor = RayExecutor
+        executor = ActorExecutor if spec.resources.executor == "actors" else RayExecutor
+    tracker = opening.result() if opening is not None else None
+    data.result()
     runner = executor(str(store.root), spec.runtime.model_dump(exclude={"device"}))
     store.clean_temp()
 
     # --- the run -----------------------------------------------------------------------------------
     study_id = spec.study_id
     owner = Owner.here()
-    leases = Leases(store.root, owner)
+    leases = open_leases(store, owner)
     log = StudyLog(store, study_id, owner)
     with signals_as_interrupts():
         try:
-            tracking = TrackingSession(tracker, store, study_id, leases, emit)
-            parent = tracking.open(spec.name, spec.spec_hash(), spec_text, __version__)
+            if tracker is None:
+                tracking, parent = NoTracking(tracked_parent), tracked_parent
+            else:
+                tracking = TrackingSession(tracker, store, study_id, leases, emit)
+                parent = tracking.open(spec.name, spec.spec_hash(), spec_text, __version__)
             dump = spec.model_dump(mode="json")
-            dump["tracking"]["uri"] = tracker.safe_uri
+            dump["tracking"]["uri"] = redact(uri)
             stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.input_keys,
                           "state": "cached" if k in cached else "pending"} for k, s in graph.stages.items()}
             log.start({"name": spec.name, "spec_hash": spec.spec_hash(), "spec": dump,
-                       "tracking_uri": tracker.safe_uri, "experiment": spec.experiment_name,
+                       "tracking_uri": redact(uri), "experiment": spec.experiment_name,
                        "parent_run_id": parent, "store_root": str(store.root), "ddray_version": __version__,
                        "driver": {"host": owner.host, "pid": owner.pid, "id": owner.driver}}, stages)
             emit({"type": "start", "study_id": study_id, "parent_run_id": parent, "stages": stages,
-                  "store": str(store.root), "tracking_uri": tracker.safe_uri})
+                  "store": str(store.root), "tracking_uri": redact(uri)})
             tracking.log_stored({k: graph.stages[k].kind for k in cached})
 
             def on_event(event: dict) -> None:
@@ -202,11 +242,7 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
                     tracking.failed(s.label, s.key, s.kind, event.get("error", ""))
                 emit(event)
 
-            def on_executed(key: str, result: dict) -> None:
-                s = graph.stages[key]
-                tracking.executed(key, result, store.stage_dir(s.kind, key))
-
-            scheduler = Scheduler(graph, spec.resources, store, log, leases, runner, on_event, on_executed)
+            scheduler = Scheduler(graph, spec.resources, store, log, leases, runner, on_event, tracking.executed)
             with Heartbeat(log, leases):
                 state = scheduler.run()
         except BaseException:
@@ -216,6 +252,8 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
             raise
         counts = log.counts()
         tracked = tracking.close(state, counts)
+        if state == "succeeded" and not tracked["not_logged"]:
+            tracking.remember_complete(graph.stages)
         log.finish(state)
         leases.release_all()
     if tracked["not_logged"]:
@@ -240,7 +278,7 @@ def sync_study(store: ArtifactStore, study_id: str, tracking_uri: str | None = N
     tracker = Tracker(uri, record["experiment"])
     tracker.check()
     owner = Owner.here()
-    leases = Leases(store.root, owner)
+    leases = open_leases(store, owner)
     tracker.ensure_experiment()
     session = TrackingSession(tracker, store, study_id, leases, lambda e: None)
     spec_text = yaml.safe_dump(record["spec"], sort_keys=False)  # as recorded (credentials already removed)

@@ -1,7 +1,10 @@
 """Running a stage graph: leases, an executor, timeouts, cancellation, bounded cost per stage.
 
 Readiness is counted, not rescanned: each stage keeps the number of its inputs
-not yet done, and a finished stage decrements its dependents' counts. A
+not yet done, and a finished stage decrements its dependents' counts. Ready
+stages start longest-remaining-path first (a stage's height: the most stages on
+any path from it to the end), so the critical path (e.g. PTMs that a guided
+distillation and its evaluations wait for) is never queued behind leaves. A
 ready stage is taken from the store if another submit has published it
 meanwhile (`reused`), else computed under its lease, else (another live
 driver holds the lease) it waits, and is polled once a second until it
@@ -17,8 +20,8 @@ execution, so the attempts are counted, not guessed.
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import deque
 from typing import Callable
 
 from orchestrator.executors import Executor
@@ -67,15 +70,29 @@ def corrupt_input(exc: BaseException) -> CorruptArtifact | None:
     return cause if isinstance(cause, CorruptArtifact) else None
 
 
+def heights(graph: StageGraph) -> dict[str, int]:
+    """Each stage's height: 1 + the tallest of its dependents (a sink has height 1); one reverse pass."""
+    height: dict[str, int] = {}
+    for key in reversed(list(graph.stages)):  # the graph is in topological order
+        height[key] = 1 + max((height[d] for d in graph.dependents(key)), default=0)
+    return height
+
+
 class Scheduler:
     def __init__(self, graph: StageGraph, resources: ResourcesSpec, store: ArtifactStore, log: StudyLog,
                  leases: Leases, executor: Executor, emit: EventFn, on_executed: Callable[[str, dict], None]):
         self.graph, self.resources, self.store, self.log = graph, resources, store, log
         self.leases, self.executor, self.emit, self.on_executed = leases, executor, emit, on_executed
         self.waiting = {k: sum(log.states[i] not in DONE for i in s.input_keys) for k, s in graph.stages.items()}
-        self.ready: deque[str] = deque(k for k in graph.stages if log.states[k] == "pending" and self.waiting[k] == 0)
+        self.height = heights(graph)
+        self.order = {k: i for i, k in enumerate(graph.stages)}  # ties: the graph's order
+        self.ready: list[tuple[int, int, str]] = []
+        for k in graph.stages:
+            if log.states[k] == "pending" and self.waiting[k] == 0:
+                self._ready(k)
         self.blocked: set[str] = set()  # leased by another live driver
-        self.started: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # running stages: when submitted (timeouts, pending warnings)
+        self.submitted: dict[str, float] = {}  # for each stage's queue time
         self.warned: set[str] = set()
         self.timed_out: set[str] = set()
         self.rebuilt: set[str] = set()
@@ -86,11 +103,14 @@ class Scheduler:
         self.log.set(key, state, error, **{k: v for k, v in extra.items() if k != "result"})
         self.emit({"type": "stage", "key": key, "state": state, **({"error": error} if error else {}), **extra})
 
+    def _ready(self, key: str) -> None:
+        heapq.heappush(self.ready, (-self.height[key], self.order[key], key))
+
     def _done(self, key: str) -> None:
         for dep in self.graph.dependents(key):
             self.waiting[dep] -= 1
             if self.waiting[dep] == 0 and self.log.states[dep] == "pending":
-                self.ready.append(dep)
+                self._ready(dep)
 
     def _skip_dependents(self, key: str) -> None:
         stack = [key]
@@ -117,15 +137,20 @@ class Scheduler:
             self.store.quarantine(stage.kind, key)  # verified twice, under the lease: damaged
             self.emit({"type": "warning", "message": f"stored stage {stage.label} was damaged; rebuilding"})
         self.executor.submit(stage, getattr(self.resources, stage.kind))
-        self.started[key] = time.time()
+        self.started[key] = self.submitted[key] = time.time()
         self._set(key, "running")
 
     def _finished(self, key: str, result) -> None:
         stage = self.graph.stages[key]
         self.started.pop(key, None)
         attempts = self.store.attempts(key)
+        submitted = self.submitted.pop(key, None)
         if not isinstance(result, BaseException):
-            self._set(key, "executed", attempts=attempts, result=result)
+            run, metrics = result.get("run", {}), result.setdefault("metrics", {})
+            if submitted is not None and run.get("started"):
+                metrics["queue_seconds"] = max(0.0, run["started"] - submitted)
+            self._set(key, "executed", attempts=attempts, result=result, node=run.get("node"), host=run.get("host"),
+                      run_s=metrics.get("wall_seconds"), queue_s=metrics.get("queue_seconds"))
             self.on_executed(key, result)  # tracking; it releases the lease once the run is logged
             self._done(key)
             return
@@ -153,7 +178,7 @@ class Scheduler:
         for dep in self.graph.dependents(bad.key):  # its other dependents wait for it again too
             if dep != key and self.log.states[dep] == "pending":
                 self.waiting[dep] += 1
-        self.ready.append(bad.key)
+        self._ready(bad.key)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -178,7 +203,7 @@ class Scheduler:
         try:
             while True:
                 while self.ready:
-                    self._start(self.ready.popleft())
+                    self._start(heapq.heappop(self.ready)[2])
                 if not self.executor.running() and not self.blocked:
                     break
                 finished = self.executor.next_done(timeout=0.2)

@@ -217,9 +217,12 @@ class StageResources(Strict):
     retry_on: list[Literal[tuple(RETRYABLE)]] = Field(default_factory=list)
     timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)  # a stage running longer fails
     pending_warning_s: float = Field(default=300.0, gt=0, le=86400)  # warn when a stage waits this long for a node
+    custom: dict[str, Annotated[float, Field(gt=0, le=1e6)]] = Field(default_factory=dict)  # Ray custom resources
 
 
 class ResourcesSpec(Strict):
+    # tasks: one Ray task per stage; actors: warm actors per stage kind, routed by the dataset they hold
+    executor: Literal["tasks", "actors"] = "tasks"
     dataset: StageResources = StageResources()
     ptm: StageResources = StageResources()
     distill: StageResources = StageResources()

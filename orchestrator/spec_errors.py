@@ -37,10 +37,14 @@ def render(loc: Loc) -> str:
     return out or "spec"
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
-    choices = list(choices)
+def suggest(word: str, choices: Iterable[str], shown: int = 8) -> str:
+    """" (did you mean 'x'?)", or the known choices (the first `shown` of them)."""
+    choices = sorted(choices)
     close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(choices))})"
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    more = f", ... {len(choices) - shown} more" if len(choices) > shown else ""
+    return f" (known: {', '.join(choices[:shown])}{more})"
 
 
 # --- walking a location against the model ---------------------------------------------------------

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import os
+import socket
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,9 +32,12 @@ from distill_core.ptm import train_ptm
 from distill_core.runtime import Runtime
 from distill_core.utils import set_threads
 from orchestrator.graph import Stage
+from orchestrator.object_store import open_store
 from orchestrator.store import ArtifactStore, tensors_to_bytes
 
 RESULT = "result.json"
+CURRENT_RUN: dict = {}  # where and how the stage in this process runs (execute_stage sets it)
+log = logging.getLogger("ddray.stage")
 
 
 def png_bytes(grid: torch.Tensor) -> bytes:
@@ -52,7 +60,8 @@ def _finish(store: ArtifactStore, stage: Stage, files: dict[str, bytes], metrics
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     metrics["wall_seconds"] = time.time() - started
     result = {"key": stage.key, "kind": stage.kind, "label": stage.label, "config": stage.config,
-              "coords": stage.coords, "metrics": metrics, "artifacts": artifacts, **(meta or {})}
+              "coords": stage.coords, "metrics": metrics, "artifacts": artifacts, "run": dict(CURRENT_RUN),
+              **(meta or {})}
     files[RESULT] = _json(result)
     store.write_stage(stage.kind, stage.key, files, meta or {})
     return result
@@ -103,9 +112,32 @@ def run_dataset(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
                    {"dataset_meta": meta}, started)
 
 
+class WarmDatasets:
+    """Datasets this process has read and verified, kept for the next stage (a warm actor's or a reused
+    worker's): a dataset variant is read and checksummed once per process, not once per stage."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.items = size, {}
+
+    def get(self, store: ArtifactStore, key: str) -> BiasedDataset:
+        name = (str(store.root), key)
+        if name not in self.items:
+            result = store.read_json("dataset", key, RESULT)
+            self.items[name] = BiasedDataset.from_tensors(store.read_tensors("dataset", key, "dataset.pt"),
+                                                          result["dataset_meta"])
+            while len(self.items) > self.size:
+                self.items.pop(next(iter(self.items)))
+        return self.items[name]
+
+    def keys(self) -> list[str]:
+        return [key for _, key in self.items]
+
+
+WARM = WarmDatasets()
+
+
 def load_dataset(store: ArtifactStore, key: str) -> BiasedDataset:
-    result = store.read_json("dataset", key, RESULT)
-    return BiasedDataset.from_tensors(store.read_tensors("dataset", key, "dataset.pt"), result["dataset_meta"])
+    return WARM.get(store, key)
 
 
 # --- PTM pool member ----------------------------------------------------------------------------
@@ -117,7 +149,8 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     real = RealData.from_dataset(ds, runtime.torch_device)
     val_x, val_y = ds.val_split()
     val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device))
-    result = train_ptm(real, cfg, val=val, runtime=runtime)
+    result = train_ptm(real, cfg, val=val, runtime=runtime,
+                       progress=lambda epoch, r: log.info("epoch %d/%d %s", epoch, cfg.epochs, _fmt(r)))
     flat = {f"{epoch}/{name}": t for epoch, sd in result.checkpoints.items() for name, t in sd.items()}
     last = result.history[-1]
     files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": _json(result.history)}
@@ -168,8 +201,9 @@ def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     ds = load_dataset(store, stage.inputs["dataset"])
     real = RealData.from_dataset(ds, runtime.torch_device)
     experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
-    syn = get_method(cfg.method).distill(real, cfg, runtime, guidance=build_guidance(store, stage, real),
-                                         experts=experts or None)
+    syn = get_method(cfg.method).distill(
+        real, cfg, runtime, guidance=build_guidance(store, stage, real), experts=experts or None,
+        progress=lambda it, r: log.info("iteration %d/%d %s", it + 1, cfg.iterations, _fmt(r)))
     history = syn.history
     metrics = {"n_images": len(syn.labels)}
     if history:
@@ -210,7 +244,8 @@ def run_evaluate(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     cfg = stage.typed_config()
     ds = load_dataset(store, stage.inputs["dataset"])
     syn = load_synthetic(store, stage.inputs["synthetic"], ds)
-    runs = evaluate_synthetic(syn, ds, cfg, runtime)
+    runs = evaluate_synthetic(syn, ds, cfg, runtime, progress=lambda r, res: log.info(
+        "network %d/%d: acc %.4f at epoch %s (val %.4f)", r + 1, cfg.repeats, res["acc"], res["epoch"], res["val_acc"]))
     summary = summarise(runs)
     per_class = np.array([r["per_class"] for r in runs], dtype=float).mean(axis=0).tolist()
     files = {"repeats.json": _json(runs), "per_class_accuracy.json": _json(
@@ -226,14 +261,57 @@ RUNNERS: dict[str, Callable[[Stage, ArtifactStore, Runtime], dict]] = {
 }
 
 
+def _fmt(record: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                    if k not in ("iteration", "epoch"))
+
+
+def _ray_node() -> str | None:
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def execute_stage(stage: Stage, store_root: str, cpus: float, gpus: float, runtime: dict | None = None) -> dict:
     """Entry point of a stage task: threads and device from the task's resources, the study's runtime settings.
 
     Every execution leaves an attempt file in the store before it computes, so
-    retries (a worker killed mid-stage) and duplicate work are counted.
+    retries (a worker killed mid-stage) and duplicate work are counted; its log
+    (progress lines, warnings, the error) goes beside it (`ddray study logs`).
     """
     set_threads(cpus)
     device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-    store = ArtifactStore(store_root)
-    store.record_attempt(stage.key)
-    return RUNNERS[stage.kind](stage, store, Runtime(**{**(runtime or {}), "device": device}))
+    store = open_store(store_root)
+    attempt = store.record_attempt(stage.key)
+    CURRENT_RUN.clear()
+    CURRENT_RUN.update(host=socket.gethostname(), pid=os.getpid(), node=_ray_node(), started=time.time(),
+                       attempt=Path(str(attempt)).stem, cpus=cpus, gpus=gpus, device=device)
+    handler = logging.FileHandler(store.attempt_log(stage.key, attempt), delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level, root.level = root.level, min(root.level, logging.INFO)
+    log.info("%s %s on %s (%s, %g CPU, %g GPU)", stage.kind, stage.label, CURRENT_RUN["host"], device, cpus, gpus)
+    try:
+        with warnings_logged():
+            return RUNNERS[stage.kind](stage, store, Runtime(**{**(runtime or {}), "device": device}))
+    except BaseException:
+        log.exception("stage failed")
+        raise
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+        store.publish_log(stage.key, attempt)
+
+
+class warnings_logged:
+    """Python warnings of a stage go to its log (logging.captureWarnings for the stage's duration)."""
+
+    def __enter__(self):
+        logging.captureWarnings(True)
+
+    def __exit__(self, *exc):
+        logging.captureWarnings(False)

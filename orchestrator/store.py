@@ -89,7 +89,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class ArtifactStore:
+class StoreReads:
+    """What every store derives from `read_bytes` (checksum-verified) and `manifest`."""
+
+    def read_tensors(self, kind: str, key: str, name: str) -> dict[str, torch.Tensor]:
+        return torch.load(io.BytesIO(self.read_bytes(kind, key, name)), weights_only=True)
+
+    def read_json(self, kind: str, key: str, name: str) -> Any:
+        return json.loads(self.read_bytes(kind, key, name))
+
+    def meta(self, kind: str, key: str) -> dict:
+        manifest = self.manifest(kind, key)
+        if not manifest:
+            raise CorruptArtifact(kind, key, "not in the store")
+        return manifest["meta"]
+
+
+class ArtifactStore(StoreReads):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
 
@@ -160,6 +176,18 @@ class ArtifactStore:
         d = self.root / "attempts" / key
         return sum(1 for p in d.iterdir() if p.suffix == ".json") if d.exists() else 0
 
+    def attempt_log(self, key: str, attempt: Path) -> Path:
+        """Where an attempt writes its log while it runs (a local file, here beside the attempt)."""
+        return attempt.with_suffix(".log")
+
+    def publish_log(self, key: str, attempt: Path) -> None:
+        """The attempt's log is already in place in a POSIX store."""
+
+    def stage_logs(self, key: str) -> list[tuple[str, str]]:
+        """(attempt, log text) of every attempt of a stage, oldest first."""
+        d = self.root / "attempts" / key
+        return [(p.stem, p.read_text(errors="replace")) for p in sorted(d.glob("*.log"))] if d.exists() else []
+
     def clean_temp(self, now: float | None = None) -> list[Path]:
         """Remove temp dirs whose writer is gone: a dead pid on this host, or older than a day elsewhere."""
         now = now or time.time()
@@ -212,6 +240,13 @@ class ArtifactStore:
         """Something (complete or damaged) is stored under this key."""
         return self.stage_dir(kind, key).exists()
 
+    def stage_keys(self, kind: str) -> list[str]:
+        """Keys of the published stages of a kind."""
+        return sorted(p.parent.name for p in (self.root / "stages" / kind).glob(f"*/{MANIFEST}"))
+
+    def studies_root(self) -> Path:
+        return self.root / "studies"
+
     def path(self, kind: str, key: str, name: str) -> Path:
         return self.stage_dir(kind, key) / name
 
@@ -227,17 +262,6 @@ class ArtifactStore:
             raise CorruptArtifact(kind, key, f"'{name}' fails its checksum")
         return data
 
-    def read_tensors(self, kind: str, key: str, name: str) -> dict[str, torch.Tensor]:
-        return torch.load(io.BytesIO(self.read_bytes(kind, key, name)), weights_only=True)
-
-    def read_json(self, kind: str, key: str, name: str) -> Any:
-        return json.loads(self.read_bytes(kind, key, name))
-
-    def meta(self, kind: str, key: str) -> dict:
-        manifest = self.manifest(kind, key)
-        if not manifest:
-            raise CorruptArtifact(kind, key, "not in the store")
-        return manifest["meta"]
 
 
 def _writer_of(name: str) -> tuple[str | None, int | None]:
@@ -248,3 +272,4 @@ def _writer_of(name: str) -> tuple[str | None, int | None]:
         return host, int(pid)
     except (IndexError, ValueError):
         return None, None
+

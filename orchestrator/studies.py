@@ -125,27 +125,34 @@ def study_state(drivers: list[dict]) -> str:
     return "abandoned" if last == "running" else last
 
 
-def _fold(study_dir: Path, record: dict) -> dict:
-    """Stage states: the record's at its submit's start, then every event since."""
-    stages = {k: dict(v) for k, v in record["stages"].items()}
-    attempts: dict[str, int] = {}
+def events_since(study_dir: Path, since: float):
+    """The study's events from time `since` on, in order (a line cut by a crash is skipped)."""
     try:
         with open(study_dir / "events.jsonl") as f:
             for line in f:
                 try:
                     e = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if e.get("t", 0) < record.get("started", 0) or e.get("key") not in stages:
                     continue
-                st = stages[e["key"]]
-                st["state"] = e["state"]
-                if e.get("error"):
-                    st["error"] = e["error"]
-                if e.get("attempts"):
-                    attempts[e["key"]] = e["attempts"]
+                if e.get("t", 0) >= since:
+                    yield e
     except FileNotFoundError:
-        pass
+        return
+
+
+def _fold(study_dir: Path, record: dict) -> dict:
+    """Stage states: the record's at its submit's start, then every event since."""
+    stages = {k: dict(v) for k, v in record["stages"].items()}
+    attempts: dict[str, int] = {}
+    for e in events_since(study_dir, record.get("started", 0)):
+        if e.get("key") not in stages:
+            continue
+        st = stages[e["key"]]
+        st["state"] = e["state"]
+        if e.get("error"):
+            st["error"] = e["error"]
+        if e.get("attempts"):
+            attempts[e["key"]] = e["attempts"]
     for key, n in attempts.items():
         stages[key]["attempts"] = n
     return stages
@@ -162,6 +169,7 @@ def load_record(store: ArtifactStore, study_id: str) -> dict:
     record["state"] = study_state(drivers)
     record["counts"] = count_states(s["state"] for s in record["stages"].values())
     record["drivers"] = drivers
+    record["dir"] = str(path)
     return record
 
 
@@ -172,7 +180,7 @@ def _resolve(store: ArtifactStore, study_id: str) -> Path:
     if not STUDY_ID.fullmatch(study_id):
         raise UserError(f"study id '{study_id[:80]}': use the id, an id prefix or the name of a study "
                         "(letters, digits, '.', '_' and '-')")
-    root = store.root / "studies"
+    root = store.studies_root()
     if (root / study_id / "record.json").exists():
         return root / study_id
     ids = sorted(p.name for p in root.glob("*") if (p / "record.json").exists())
@@ -188,7 +196,7 @@ def _resolve(store: ArtifactStore, study_id: str) -> Path:
 def list_studies(store: ArtifactStore) -> list[dict]:
     """One summary per study, from its record header and driver files (no event log is read)."""
     out = []
-    for path in sorted((store.root / "studies").glob("*/record.json")):
+    for path in sorted(store.studies_root().glob("*/record.json")):
         record = _read_json(path)
         if record is None:
             continue
@@ -198,6 +206,27 @@ def list_studies(store: ArtifactStore) -> list[dict]:
                     "created": record.get("created", 0),
                     "counts": counts or count_states(s["state"] for s in record["stages"].values())})
     return sorted(out, key=lambda r: r["created"])
+
+
+def stage_matching(record: dict, name: str) -> tuple[str, dict]:
+    """The one stage of a study named by a key, key prefix or a part of its label."""
+    stages = record["stages"]
+    found = [k for k in stages if k == name or k.startswith(name) or k.split("-", 1)[-1].startswith(name)]
+    for match in (lambda label: label == name, lambda label: label.startswith(name), lambda label: name in label):
+        if not found:
+            found = [k for k, st in stages.items() if match(st["label"])]
+    if len(found) == 1:
+        return found[0], stages[found[0]]
+    if not found:
+        labels = [st["label"] for st in stages.values()]
+        raise UserError(f"study {record['study_id']} has no stage '{name}'{suggest(name, labels)}")
+    shown = ", ".join(stages[k]["label"] for k in found[:4]) + (" ..." if len(found) > 4 else "")
+    raise UserError(f"stage '{name}' is ambiguous in study {record['study_id']} ({len(found)} match: {shown})")
+
+
+def transitions(study_dir: Path, record: dict, tail: int) -> list[dict]:
+    """The last `tail` events of the study's current submit."""
+    return list(events_since(study_dir, record.get("started", 0)))[-tail:]
 
 
 def request_cancel(store: ArtifactStore, study_id: str) -> dict:

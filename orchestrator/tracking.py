@@ -213,8 +213,8 @@ class Tracker:
                           "and attributes.status = 'FINISHED'")
         return bool(found)
 
-    def log_stage(self, parent_run_id: str, study_id: str, result: dict, stage_dir: Path, cached: bool,
-                  driver: str) -> str:
+    def log_stage(self, parent_run_id: str, study_id: str, result: dict, store, cached: bool, driver: str) -> str:
+        """One child run: created, one batch of params/metrics/tags, the stage's artifacts, terminated."""
         from mlflow.entities import Metric, Param, RunTag
 
         coords = {f"ddray.{k}": str(v) for k, v in result.get("coords", {}).items() if v is not None}
@@ -223,16 +223,21 @@ class Tracker:
                 **{k[:250]: v[:5000] for k, v in coords.items()}}
         if len(result["label"]) > 250:  # run names are cut at 250 characters
             tags["ddray.label"] = result["label"][:5000]
+        run_info = result.get("run", {})
+        for name in ("host", "node", "device", "attempt"):
+            if run_info.get(name):
+                tags[f"ddray.run.{name}"] = str(run_info[name])
         # three calls, the least MLflow allows: create (the parent tag makes it a child at once), one batch, terminate
         run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags={PARENT_TAG: parent_run_id})
         rid = run.info.run_id
-        params = [Param(k[:250], v) for k, v in flatten(result.get("config", {})).items()]
+        resources = {f"resources.{k}": run_info[k] for k in ("cpus", "gpus") if k in run_info}
+        params = [Param(k[:250], v) for k, v in flatten({**result.get("config", {}), **resources}).items()]
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.get("metrics", {}).items()]
         tag_list = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, max(len(params), len(metrics), len(tag_list), 1), 100):  # MLflow's per-call limits
             self.client.log_batch(rid, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tag_list[i:i + 100])
         for name in result.get("artifacts", []):
-            path = stage_dir / name
+            path = store.path(result["kind"], result["key"], name)  # local (a cached copy for object stores)
             if path.exists():
                 self.client.log_artifact(rid, str(path))
         self.client.set_terminated(rid, "FINISHED")
@@ -280,18 +285,18 @@ class TrackingQueue:
         self.thread = threading.Thread(target=self._loop, name="ddray-tracking", daemon=True)
         self.thread.start()
 
-    def stage(self, result: dict, stage_dir: Path, cached: bool, recheck: bool = False) -> None:
+    def stage(self, result: dict, store, cached: bool, recheck: bool = False) -> None:
         """Log a stage's run; `recheck`: first make sure no FINISHED run exists (a stage found in the store)."""
-        self.items.put(("stage", result, stage_dir, cached, recheck))
+        self.items.put(("stage", result, store, cached, recheck))
 
     def failure(self, label: str, key: str, kind: str, error: str) -> None:
         self.items.put(("failure", label, key, kind, error))
 
     def _call(self, item: tuple) -> None:
         if item[0] == "stage":
-            _, result, stage_dir, cached, recheck = item
+            _, result, store, cached, recheck = item
             if not (recheck and self.tracker.finished_child(self.parent, result["key"])):
-                self.tracker.log_stage(self.parent, self.study_id, result, stage_dir, cached, self.driver)
+                self.tracker.log_stage(self.parent, self.study_id, result, store, cached, self.driver)
             self.on_logged(result["key"])
         else:
             _, label, key, kind, error = item

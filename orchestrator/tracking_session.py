@@ -7,9 +7,9 @@ truth) and the runs it owes are logged by `ddray study sync` or the next submit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from pathlib import Path
 
 from orchestrator.leases import Leases
 from orchestrator.store import ArtifactStore, atomic_write_json
@@ -87,17 +87,25 @@ class TrackingSession:
             except Exception:  # damaged: the scheduler rebuilds it and logs it then
                 self.leases.release(key)
                 continue
-            self.queue.stage(result, self.store.stage_dir(kind, key), cached=True, recheck=True)
+            self.queue.stage(result, self.store, cached=True, recheck=True)
 
-    def executed(self, key: str, result: dict, stage_dir: Path) -> None:
+    def executed(self, key: str, result: dict) -> None:
         if self.queue is not None and key not in self.finished:
-            self.queue.stage(result, stage_dir, cached=False)
+            self.queue.stage(result, self.store, cached=False)
         else:
             self.leases.release(key)
 
     def failed(self, label: str, key: str, kind: str, error: str) -> None:
         if self.queue is not None:
             self.queue.failure(label, key, kind, error)
+
+    def remember_complete(self, keys) -> None:
+        """Note in the store that every stage of this graph has its FINISHED run (a later no-op submit skips MLflow)."""
+        keys = set(keys)
+        if self.parent is not None and keys <= self.finished:
+            atomic_write_json(self.store.study_dir(self.study_id) / "tracked.json", {
+                "tracking_uri": self.tracker.safe_uri, "experiment": self.tracker.experiment_name,
+                "parent_run_id": self.parent, "stages": keys_digest(keys)})
 
     def close(self, state: str | None, counts: dict) -> dict:
         """Drain the queue (bounded), finish the parent (unless `state` is None); report what was not logged."""
@@ -109,3 +117,40 @@ class TrackingSession:
                 self._warn("finishing the parent run", exc)
                 summary["not_logged"] += 1
         return summary
+
+
+def keys_digest(keys) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def fully_tracked(store: ArtifactStore, study_id: str, safe_uri: str, experiment: str, keys) -> str | None:
+    """The parent run id, if the store notes that MLflow holds a FINISHED run for every one of `keys`."""
+    path = store.study_dir(study_id) / "tracked.json"
+    try:
+        note = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    same = note.get("tracking_uri") == safe_uri and note.get("experiment") == experiment
+    return note.get("parent_run_id") if same and note.get("stages") == keys_digest(keys) else None
+
+
+class NoTracking:
+    """Stands in for a TrackingSession when nothing is left to log (every stage cached and tracked)."""
+
+    def __init__(self, parent: str):
+        self.parent = parent
+
+    def log_stored(self, kinds) -> None:
+        pass
+
+    def executed(self, key, result) -> None:
+        pass
+
+    def failed(self, *args) -> None:
+        pass
+
+    def remember_complete(self, keys) -> None:
+        pass
+
+    def close(self, state, counts) -> dict:
+        return {"logged": 0, "not_logged": 0, "errors": []}

@@ -180,3 +180,18 @@ def test_a_stage_waiting_too_long_to_start_is_reported(tmp_path):
     assert state == "succeeded"
     warnings = [e["message"] for e in events if e["type"] == "warning"]
     assert any("has waited" in w and "to start" in w for w in warnings), warnings
+
+
+def test_ready_stages_start_longest_remaining_path_first(tmp_path):
+    from orchestrator.scheduler import heights
+
+    spec = parse_spec(TINY)
+    graph = build_stage_graph(spec)
+    h = heights(graph)
+    ptm = graph.of_kind("ptm")[0].key
+    unguided = next(s.key for s in graph.of_kind("distill") if s.config["guidance"] is None)
+    assert h[ptm] == 3 and h[unguided] == 2 and all(h[s.key] == 1 for s in graph.of_kind("evaluate"))
+    order: list[str] = []
+    schedule(tmp_path, spec, lambda stage, *a: order.append(stage.key) or {"key": stage.key})
+    # the PTM (a guided distillation and its evaluation wait for it) starts before the unguided distillation
+    assert order.index(ptm) < order.index(unguided)
