@@ -37,6 +37,7 @@ AddressOpt = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                           help="Ray cluster: http://HEAD:8265 (Jobs API: the driver runs on the cluster), "
                                "ray://HEAD:10001 or HOST:PORT (a driver here); default: a local Ray.")
 MaxStagesOpt = typer.Option(100_000, "--max-stages", min=1, help="Refuse a study whose grid expands to more stages.")
+ProfileOpt = typer.Option(None, "--profile", help="Apply one of the spec's profiles (e.g. smoke) over it.")
 # exit codes of a submit that did not succeed: failed stages 1, Ctrl-C 130, SIGTERM 143, cancelled 1
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 1, "interrupted": 130, "terminated": 143}
 
@@ -76,15 +77,18 @@ def _store(path: Optional[str]):
 
 @study_app.command("validate")
 @handles_errors
-def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), max_stages: int = MaxStagesOpt):
-    """Check a spec; print its stage counts. Exit 2 with one line per problem."""
+def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), max_stages: int = MaxStagesOpt,
+                   profile: Optional[str] = ProfileOpt):
+    """Check a spec (and each of its profiles); print stage counts. Exit 2 with one line per problem."""
     from orchestrator.graph import build_stage_graph
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import load_spec, profiles_of
 
-    s = load_spec(spec)
-    counts = build_stage_graph(s, max_stages).counts()
-    out.print(f"{spec}: valid (study {s.study_id}; stages: " +
-              ", ".join(f"{k} {v}" for k, v in counts.items()) + ")", highlight=False)
+    for name in [profile] if profile else [None, *profiles_of(spec)]:
+        s = load_spec(spec, name)
+        counts = build_stage_graph(s, max_stages).counts()
+        shown = f"{spec} --profile {name}" if name else str(spec)
+        out.print(f"{shown}: valid (study {s.study_id}; stages: " +
+                  ", ".join(f"{k} {v}" for k, v in counts.items()) + ")", highlight=False)
 
 
 @study_app.command("submit")
@@ -101,19 +105,20 @@ def study_submit(
     max_stages: int = MaxStagesOpt,
     no_wait: bool = typer.Option(False, "--no-wait", help="With a Jobs API address: return once submitted."),
     events: bool = typer.Option(False, "--events", hidden=True, help="Print every event as a JSON line (jobs)."),
+    profile: Optional[str] = ProfileOpt,
 ):
     """Run a study: every stage not already in the store, in parallel on Ray (here, or as a job on a cluster)."""
     from orchestrator.jobs import is_jobs_address
     from orchestrator.runner import submit_study
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import read_spec
 
-    s = load_spec(spec)
+    s, text = read_spec(spec, profile)
     if is_jobs_address(address):
-        return _submit_job(s, spec, address, store, tracking_uri, max_stages, json_out, no_wait)
+        return _submit_job(s, spec, address, store, tracking_uri, max_stages, json_out, no_wait, profile)
     view = render.ProgressView(err)
     on_event = view if not events else render.EventPrinter(view)
     try:
-        outcome = submit_study(s, Path(spec).read_text(), store_root=store, tracking_uri=tracking_uri,
+        outcome = submit_study(s, text, store_root=store, tracking_uri=tracking_uri,
                                address=address, num_cpus=num_cpus, on_event=on_event, max_stages=max_stages)
     finally:
         view.stop()
@@ -143,7 +148,8 @@ def _report(study_id, state, results, errors, summary, attempts, tracking, json_
         raise typer.Exit(EXIT_CODES.get(state, 1))
 
 
-def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, json_out, no_wait) -> None:
+def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, json_out, no_wait,
+                profile: str | None = None) -> None:
     """The study's driver as a Ray job on the cluster; this command follows it (or returns with --no-wait)."""
     from orchestrator.jobs import Cluster, check_cluster_paths
     from orchestrator.tracking import check_uri, redact
@@ -154,6 +160,7 @@ def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, js
     cluster = Cluster(address)
     # the URI travels without its password: the cluster's drivers take MLFLOW_TRACKING_* from their environment
     args = ["--store", store_root, "--tracking-uri", redact(uri), "--max-stages", str(max_stages)]
+    args += ["--profile", profile] if profile else []
     submission, attached = cluster.submit(s.study_id, s.name, spec, args)
     err.print(f"study {s.study_id}: {'following the running' if attached else 'submitted'} job {submission} "
               f"on {address}", highlight=False)
@@ -332,6 +339,81 @@ def study_results_cmd(study_id: str,
         sys.stdout.write(render.results_csv(rows))
     else:
         out.print(render.results_table(rows, f"results of {rec['study_id']} ({rec['state']})"))
+
+
+@study_app.command("report")
+@handles_errors
+def study_report(study_id: str, out_dir: Path = typer.Option(Path("report"), "--out", help="Directory to write."),
+                 store: Optional[str] = StoreOpt,
+                 no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to MLflow.")):
+    """Markdown and HTML tables as the papers lay them out, with plots; logged to the study's MLflow run."""
+    from orchestrator.report import build_report, log_report
+    from orchestrator.studies import load_record
+
+    st = _store(store)
+    rec = load_record(st, study_id)
+    written = build_report(st, rec, out_dir)
+    out.print(f"report of {rec['study_id']}: {len(written['rows'])} rows, {len(written['tables'])} tables, "
+              f"{len(written['files']) - 2} plots in {out_dir}/ (report.html, report.md)", highlight=False)
+    if not no_log:
+        problem = log_report(rec, out_dir, written["files"])
+        if problem:
+            err.print(f"[yellow]tracking:[/yellow] report not logged to MLflow ({escape(problem)})", highlight=False)
+
+
+@study_app.command("compare")
+@handles_errors
+def study_compare(study_a: str, study_b: str, store: Optional[str] = StoreOpt,
+                  format: str = typer.Option("table", "--format", help="table | json")):
+    """Two studies' rows side by side on their coordinates, with b - a."""
+    from orchestrator.report import compare_rows
+    from orchestrator.studies import load_record, study_results
+
+    if format not in ("table", "json"):
+        raise UserError(f"--format: must be table or json, got '{format}'")
+    st = _store(store)
+    recs = [load_record(st, s) for s in (study_a, study_b)]
+    rows = compare_rows(*(study_results(st, r) for r in recs))
+    if format == "json":
+        print(render.json_line(rows))
+    else:
+        out.print(render.compare_table(rows, recs[0]["study_id"], recs[1]["study_id"]))
+
+
+@app.command("evaluate")
+@handles_errors
+def evaluate_external(
+    synthetic: Path = typer.Option(..., "--synthetic", help="torch file: {images, labels[, lr]} from any codebase."),
+    spec: Path = typer.Option(..., "--spec", help="The study spec whose datasets and evaluation protocol to use."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="One of the spec's datasets (default: the first)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="Evaluate as this method's sets are (default: "
+                                                                     "the spec's first method)."),
+    space: str = typer.Option("pixels", "--space", help="pixels ([0, 1]) | normalized (the dataset's normalisation)"),
+    aligned_ratio: Optional[float] = typer.Option(None, "--aligned-ratio", help="Only this variant (default: all)."),
+    severity: Optional[int] = typer.Option(None, "--severity", help="Only this severity (default: all)."),
+    profile: Optional[str] = ProfileOpt,
+    json_out: bool = typer.Option(False, "--json", help="End with one JSON line: study id, state, stage counts."),
+    store: Optional[str] = StoreOpt,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
+):
+    """Evaluate a synthetic set made elsewhere with a study's exact protocol, beside the same random baseline."""
+    from orchestrator.external import external_study
+    from orchestrator.runner import submit_study
+    from orchestrator.spec import read_spec
+
+    if space not in ("pixels", "normalized"):
+        raise UserError(f"--space: must be pixels or normalized, got '{space}'")
+    s, text = read_spec(spec, profile)
+    study, graph = external_study(s, synthetic, dataset, protocol, space, aligned_ratio, severity)
+    view = render.ProgressView(err)
+    try:
+        outcome = submit_study(study, text, store_root=store, tracking_uri=tracking_uri, num_cpus=num_cpus,
+                               on_event=view, graph=graph)
+    finally:
+        view.stop()
+    _report(outcome.study_id, outcome.state, outcome.results, outcome.errors, outcome.summary(), outcome.attempts,
+            outcome.tracking, json_out)
 
 
 # --- dataset -----------------------------------------------------------------------------------------

@@ -96,6 +96,11 @@ class ProgressView:
                 self.console.print(f"[{done}/{len(self.stages)}] {event['state']} {st['label']}"
                                    + (f": {event.get('error')}" if event.get("error") else ""),
                                    markup=False, highlight=False)
+        elif t == "search" and event["key"] in self.stages:
+            st = self.stages[event["key"]]
+            st["trials"] = trials_text(event)
+            if self.live is None:
+                self.console.print(f"{st['label']}: {st['trials']}", markup=False, highlight=False)
         elif t == "warning":
             self.notes.append(f"[yellow]warning[/yellow] {escape(event['message'])}")
             if self.live is None:
@@ -117,8 +122,9 @@ class ProgressView:
             states = [v["state"] for v in self.stages.values() if v["kind"] == kind]
             if states:
                 table.add_row(kind, *[str(states.count(s)) for s in STATES])
-        running = [v["label"] for v in self.stages.values() if v["state"] == "running"][:8]
-        lines = [f"[yellow]running[/yellow] {escape(label)}" for label in running] + self.notes[-5:]
+        running = [v for v in self.stages.values() if v["state"] == "running"][:8]
+        lines = [f"[yellow]running[/yellow] {escape(v['label'])}" + (f" ({escape(v['trials'])})" if v.get("trials") else "")
+                 for v in running] + self.notes[-5:]
         left = eta(self.stages, self.run_s, self.started, time.time())
         return Group(table, *([left] if left else []), *lines)
 
@@ -127,14 +133,25 @@ class ProgressView:
             self.live.stop()
 
 
+def trials_text(p: dict) -> str:
+    """`3/6 trials done, 2 running, 1 stopped early, best val_acc 0.7812`."""
+    text = f"{p['done']}/{p['total']} trials done, {p['running']} running"
+    if p.get("stopped_early"):
+        text += f", {p['stopped_early']} stopped early"
+    if p.get("failed"):
+        text += f", {p['failed']} failed"
+    return text + (f", best val_acc {p['best']:.4f}" if p.get("best") is not None else "")
+
+
 RESULT_COLUMNS = ["dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch",
-                  "acc_mean", "acc_std", "acc_unbiased", "acc_aligned", "acc_conflicting", "n_distillations",
-                  "n_repeats"]
+                  "acc_mean", "acc_std", "acc_random", "ior", "acc_whole", "acc_unbiased", "acc_aligned",
+                  "acc_conflicting", "gap", "n_distillations", "n_repeats"]
+OPTIONAL = ("acc_random", "ior", "acc_whole", "acc_aligned", "acc_conflicting", "gap")  # shown when some row has one
 VARYING = ("iterations", "lr_img", "options", "eval_protocol")  # in the table only when the grid varies them
 
 
 def result_columns(rows: list[dict]) -> list[str]:
-    cols = list(RESULT_COLUMNS)
+    cols = [c for c in RESULT_COLUMNS if c not in OPTIONAL or any(r.get(c) is not None for r in rows)]
     for extra in reversed(VARYING):
         if len({json.dumps(r.get(extra), sort_keys=True, default=str) for r in rows}) > 1:
             cols.insert(cols.index("guidance") + 1, extra)
@@ -148,6 +165,19 @@ def results_table(rows: list[dict], title: str) -> Table:
         table.add_column(c, justify="right" if c.startswith(("acc", "n_", "ipc", "aligned", "sev", "it", "lr")) else "left")
     for r in sorted(rows, key=lambda r: tuple(str(r.get(c)) for c in cols[:8])):
         table.add_row(*[fmt(r.get(c)) for c in cols])
+    return table
+
+
+def compare_table(rows: list[dict], a: str, b: str) -> Table:
+    table = Table(title=f"{a} (a) vs {b} (b)")
+    keys = [k for k in ("dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch")
+            if len({str(r.get(k)) for r in rows}) > 1] or ["method"]
+    for c in [*keys, "acc a", "acc b", "b - a", "ior a", "ior b"]:
+        table.add_column(c, justify="right" if c not in ("dataset", "method", "guidance", "eval_arch") else "left")
+    for r in rows:
+        diff = r["acc_mean_diff"]
+        table.add_row(*[fmt(r.get(k)) for k in keys], fmt(r["acc_mean_a"]), fmt(r["acc_mean_b"]),
+                      "-" if diff is None else f"{diff:+.4f}", fmt(r["ior_a"]), fmt(r["ior_b"]))
     return table
 
 

@@ -16,7 +16,8 @@ from that checkpoint's snapshot.
 
 Reported per network: accuracy on the bias-conflicting test set (p = 0), on
 the unbiased test set (p = 0.1), and on its aligned vs conflicting samples,
-plus per-class accuracy on the conflicting test set.
+plus per-class accuracy on the conflicting test set, and the validation
+accuracy at every check epoch (`val_curve`: [[epoch, accuracy], ...]).
 
 How it runs is the runtime's business: tiled (and, on long CPU runs,
 compiled) steps, prediction batches of 32 on CPU, and on CUDA the repeats of
@@ -139,20 +140,21 @@ def metrics_from_predictions(pred_test: torch.Tensor, pred_unb: torch.Tensor, se
     }
 
 
-def train_and_evaluate(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig, repeat: int = 0,
-                       runtime: Runtime = DEFAULT_RUNTIME, loss_fn=None) -> dict:
-    """Train one fresh network on `syn`; return test metrics at the best-validation checkpoint."""
+def fit(syn: SyntheticSet, cfg: EvalConfig, repeat: int = 0, runtime: Runtime = DEFAULT_RUNTIME, loss_fn=None,
+        num_classes: int | None = None, on_check=None) -> torch.nn.Module:
+    """Train repeat `repeat`'s fresh network on `syn` with the upstream recipe; `on_check(epoch, model)`
+    runs at each of `validation_epochs(cfg)`."""
     device = syn.images.device
     g = torch.Generator().manual_seed(cfg.seed * 1000 + repeat)
-    model = seeded_network(cfg, repeat, syn.images.shape[1], sets.num_classes, syn.images.shape[-1]).to(device)
+    k = num_classes or int(syn.labels.max()) + 1
+    model = seeded_network(cfg, repeat, syn.images.shape[1], k, syn.images.shape[-1]).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=training_lr(cfg, syn), momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     augment = make_augmentation(cfg.augment)
-    tile, predict_batch = runtime.tile_for(model), runtime.predict_batch_size()
+    tile = runtime.tile_for(model)
     loss_fn = loss_fn or ce_sum
     images, labels = syn.images.detach(), syn.labels
     check_at = validation_epochs(cfg)
-    best, best_state = {"val_acc": -1.0}, None
 
     model.train()
     for epoch in range(cfg.epochs + 1):
@@ -160,12 +162,40 @@ def train_and_evaluate(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig, repea
         if epoch == decay_epoch(cfg):
             for group in opt.param_groups:
                 group["lr"] *= 0.1
-        if epoch in check_at:
-            val_acc = accuracy_of(predict(model, sets.val[0], predict_batch), sets.val[1]) if len(sets.val[1]) else 0.0
-            if val_acc >= best["val_acc"]:  # ties go to the later, longer-trained checkpoint
-                best, best_state = {"val_acc": val_acc, "epoch": epoch}, snapshot(model)
+        if on_check is not None and epoch in check_at:
+            on_check(epoch, model)
+    return model
+
+
+def train_and_evaluate(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig, repeat: int = 0,
+                       runtime: Runtime = DEFAULT_RUNTIME, loss_fn=None) -> dict:
+    """Train one fresh network on `syn`; return test metrics at the best-validation checkpoint."""
+    predict_batch = runtime.predict_batch_size()
+    best, best_state, curve = {"val_acc": -1.0}, None, []
+
+    def keep_best(epoch, model):
+        nonlocal best, best_state
+        val_acc = accuracy_of(predict(model, sets.val[0], predict_batch), sets.val[1]) if len(sets.val[1]) else 0.0
+        curve.append([epoch, val_acc])
+        if val_acc >= best["val_acc"]:  # ties go to the later, longer-trained checkpoint
+            best, best_state = {"val_acc": val_acc, "epoch": epoch}, snapshot(model)
+
+    model = fit(syn, cfg, repeat, runtime, loss_fn, sets.num_classes, keep_best)
     model.load_state_dict(best_state)
-    return {**best, **test_metrics(model, sets, predict_batch)}
+    return {**best, **test_metrics(model, sets, predict_batch), "val_curve": curve}
+
+
+def proxy_accuracy(syn: SyntheticSet, val: tuple[torch.Tensor, torch.Tensor], num_classes: int, cfg: EvalConfig,
+                   runtime: Runtime = DEFAULT_RUNTIME) -> float:
+    """A search's score for a synthetic set: mean validation accuracy of `cfg.repeats` networks trained
+    `cfg.epochs` epochs on it (the evaluation recipe, shortened). Only the validation split held out
+    from the real training data is read: a search never sees a test set."""
+    syn = SyntheticSet(syn.images.detach().clone(), syn.labels.clone(), syn.norm, syn.lr)
+    accs = []
+    for r in range(cfg.repeats):
+        model = fit(syn, cfg, r, runtime, num_classes=num_classes)
+        accs.append(accuracy_of(predict(model, val[0], runtime.predict_batch_size()), val[1]))
+    return float(sum(accs) / len(accs))
 
 
 def evaluate_repeats(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig,

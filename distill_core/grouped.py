@@ -130,6 +130,7 @@ def train_and_evaluate_folded(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig
     n = len(labels)
     check_at = validation_epochs(cfg)
     best = [{"val_acc": -1.0} for _ in repeats]
+    curves: list[list] = [[] for _ in repeats]
     snapshots: dict[int, dict] = {}  # epoch -> folded weights, while some network's best is that epoch
 
     folded.train()
@@ -154,6 +155,7 @@ def train_and_evaluate_folded(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig
             val_pred = predict_folded(folded, sets.val[0], chunk) if len(sets.val[1]) else None
             for j in range(len(repeats)):
                 val_acc = accuracy_of(val_pred[:, j], sets.val[1]) if val_pred is not None else 0.0
+                curves[j].append([epoch, val_acc])
                 if val_acc >= best[j]["val_acc"]:
                     best[j] = {"val_acc": val_acc, "epoch": epoch}
                     snapshots.setdefault(epoch, snapshot(folded))
@@ -166,4 +168,6 @@ def train_and_evaluate_folded(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig
         for j, b in enumerate(best):
             if b["epoch"] == epoch:
                 b.update(metrics_from_predictions(pred_test[:, j], pred_unb[:, j], sets))
+    for b, curve in zip(best, curves):
+        b["val_curve"] = curve
     return best

@@ -137,3 +137,33 @@ class SyntheticSet:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, norm: Normalization) -> "SyntheticSet":
         return cls(tensors["images"], tensors["labels"], norm, meta.get("lr"))
+
+
+def external_set(tensors: dict, norm: Normalization, space: str, num_classes: int,
+                 shape: tuple[int, int, int]) -> SyntheticSet:
+    """A synthetic set saved by another codebase, checked against the dataset it is evaluated on.
+
+    `tensors`: {"images": N x C x H x W floats, "labels": N class indices, optionally "lr": the set's
+    learned learning rate (MTT)}. `space`: "pixels" (images in [0, 1]; normalised here with the
+    dataset's own normalisation) or "normalized" (already in that normalisation, as upstream DC/MTT
+    save their sets). Raises ValueError naming what does not fit.
+    """
+    missing = [k for k in ("images", "labels") if k not in tensors]
+    if missing:
+        raise ValueError(f"no '{missing[0]}' tensor (the file must hold images and labels)")
+    images, labels = torch.as_tensor(tensors["images"]).float(), torch.as_tensor(tensors["labels"]).long().flatten()
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise ValueError(f"images of shape {tuple(images.shape)}; the dataset's are N x {' x '.join(map(str, shape))}")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels outside 0..{num_classes - 1}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinity")
+    if space == "pixels":
+        if images.min() < -1e-4 or images.max() > 1 + 1e-4:
+            raise ValueError(f"pixel values in [{images.min():.3g}, {images.max():.3g}], not [0, 1] "
+                             "(use --space normalized for normalised images)")
+        images = norm.apply(images * 255.0)
+    lr = tensors.get("lr")
+    return SyntheticSet(images, labels, norm, float(lr) if lr is not None else None)

@@ -1,7 +1,8 @@
 """Expanding a study spec into its stage graph.
 
 dataset build -> PTM training (architecture x seed, per pool variant)
-             -> distillation (variant x method x IPC x iterations x lr x guidance x options x seed)
+             -> distillation (variant x method x IPC x iterations x lr x guidance x options x seed),
+                or a search around it when `distillation.search` has fields for that setting
              -> evaluation (synthetic set x architecture)
 
 Each stage's config is one distill_core config (`DatasetConfig`, `PTMConfig`,
@@ -26,16 +27,20 @@ from distill_core.data.sources import SOURCES
 from distill_core.evaluation import EvalConfig
 from distill_core.guidance import GuidanceConfig
 from distill_core.methods import METHODS, DistillConfig, Method
-from distill_core.methods.registry import dsa_strategy, evaluation_augment
+from distill_core.methods.registry import dsa_strategy, evaluation_augment, reference_method
 from distill_core.ptm import PTMConfig, recipe
 from orchestrator.errors import UserError
+from orchestrator.external import ExternalConfig
+from orchestrator.search_space import SearchConfig, max_iterations
 from orchestrator.spec import DatasetSpec, GuidanceSpec, PTMPoolSpec, StudySpec
 from orchestrator.spec_checks import option_grid, option_points
+from orchestrator.spec_search import applies
 
 # Bump a kind's version when its code changes what it produces.
-STAGE_VERSIONS = {"dataset": 3, "ptm": 2, "distill": 2, "evaluate": 2}
+STAGE_VERSIONS = {"dataset": 3, "ptm": 2, "distill": 2, "search": 1, "external": 1, "evaluate": 3}
 STAGE_KINDS = tuple(STAGE_VERSIONS)
-CONFIGS = {"dataset": DatasetConfig, "ptm": PTMConfig, "distill": DistillConfig, "evaluate": EvalConfig}
+CONFIGS = {"dataset": DatasetConfig, "ptm": PTMConfig, "distill": DistillConfig, "search": SearchConfig,
+           "external": ExternalConfig, "evaluate": EvalConfig}
 
 MAX_STAGES = 100_000  # a larger grid is refused (override: --max-stages); the graph is built in memory
 
@@ -171,6 +176,8 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
         strategy = {"auto": dsa_strategy(source), "none": None}.get(d.augmentation, d.augmentation)
         for name, ipc in product(d.methods, d.ipc):
             method = METHODS[name]
+            if method.reference == "whole_dataset" and ipc != d.ipc[0]:
+                continue  # the whole training split has no IPC: one stage per variant
             axes = option_grid(name, d.options.get(name, {}))
             if method.optimises_images:
                 grid = product(d.iterations or [method.iterations], d.lr_img or [method.lr_img], d.guidance,
@@ -190,14 +197,65 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
                     arch_options=d.arch.options, lr_net=d.lr_net, batch_real=d.batch_real,
                     init=d.init or method.init, augment=strategy if method.augment else None,
                     seed=seed + spec.seed, log_every=d.log_every, options=options, guidance=guidance)
-                coords = {**target.coords, "method": name, "ipc": ipc, "iterations": iters, "lr_img": lr,
+                coords = {**target.coords, "method": name, "ipc": None if method.reference == "whole_dataset" else ipc,
+                          "iterations": iters, "lr_img": lr,
                           "guidance": guide.label, "distill_seed": seed, "options": options or None}
                 varied = {k: v for k, v in options.items() if len(axes[k]) > 1}
-                distill = graph.add(Stage("distill", config.to_dict(), inputs,
-                                          distill_label(spec, config, guide, target, varied), coords))
+                label = distill_label(spec, config, guide, target, varied)
+                search = search_stage(spec, method, config, guide, target, inputs, label, coords)
+                distill = graph.add(search or Stage("distill", config.to_dict(), inputs, label, coords))
                 for stage in evaluation_stages(spec, method, distill, target):
                     graph.add(stage)
+        if spec.evaluation.random_baseline:
+            random_baseline_stages(graph, spec, target)
     return graph
+
+
+def random_baseline_stages(graph: StageGraph, spec: StudySpec, target: Stage) -> None:
+    """The random real subset at each IPC, evaluated with the protocol of every method of the study, so each
+    row is scored against a baseline evaluated exactly as it was (DD-Ranking's improvement over random).
+    A study that lists the random method already has these stages: they are the same keys."""
+    reference = reference_method("random_subset")
+    d = spec.distillation
+    if reference is None:
+        return
+    for ipc in d.ipc:
+        config = DistillConfig(
+            method=reference.name, ipc=ipc, iterations=0, lr_img=0.0, arch=d.arch.name, arch_options=d.arch.options,
+            lr_net=d.lr_net, batch_real=d.batch_real, init=d.init or reference.init, augment=None,
+            seed=d.seeds[0] + spec.seed, log_every=d.log_every, options={}, guidance=None)
+        coords = {**target.coords, "method": reference.name, "ipc": ipc, "iterations": 0, "lr_img": 0.0,
+                  "guidance": "none", "distill_seed": d.seeds[0], "options": None, "reference": "random_subset"}
+        baseline = graph.add(Stage("distill", config.to_dict(), {"dataset": target.key},
+                                   f"{reference.name} ipc{ipc} none on {target.label}", coords))
+        for name in dict.fromkeys([*d.methods, reference.name]):
+            for stage in evaluation_stages(spec, METHODS[name], baseline, target):
+                graph.add(stage)
+
+
+def search_stage(spec: StudySpec, method: Method, config: DistillConfig, guide: GuidanceSpec, target: Stage,
+                 inputs: Inputs, label: str, coords: dict) -> Stage | None:
+    """A search around one distillation setting, or None when no field of the space applies to it."""
+    s = spec.distillation.search
+    if s is None:
+        return None
+    space = {path: d.model_dump(exclude_none=True, mode="json") for path, d in s.space.items()
+             if applies(path, method.name, guide.kind != "none")}
+    if not space:
+        return None
+    protocol = method.protocol(SOURCES[target.coords["source"]], spec.distillation.arch.name)
+    e = spec.evaluation
+    proxy = EvalConfig(arch=config.arch, arch_options=config.arch_options, epochs=s.proxy.epochs,
+                       lr=e.lr, batch_size=e.batch_size, checkpoints=1, repeats=s.proxy.repeats,
+                       augment=protocol.augment if s.proxy.augmentation == "auto" else None, seed=spec.seed)
+    cfg = SearchConfig(distill=config, space=space, num_samples=s.num_samples, scheduler=s.scheduler,
+                       grace_period=1, reduction_factor=s.reduction_factor, algorithm=s.algorithm, seed=s.seed,
+                       max_concurrent=s.max_concurrent, every=1, proxy=proxy)
+    every = s.proxy.every or max(1, max_iterations(cfg) // 4)
+    cfg = cfg.model_copy(update={"every": every, "grace_period": s.grace_period or every})
+    trial = spec.resources.trial
+    return Stage("search", cfg.to_dict(), inputs, f"search {label}", {**coords, "search": ",".join(space)},
+                 runtime={"trial": {"cpus": trial.cpus, "gpus": trial.gpus}, "max_failures": s.max_failures})
 
 
 def distill_label(spec: StudySpec, cfg: DistillConfig, guide: GuidanceSpec, target: Stage, varied: dict) -> str:

@@ -1,7 +1,8 @@
 """Leases: one submit computes a stage at a time, however many submits need it.
 
-A lease is a small file `leases/<name>.json` in the store, created with
-O_CREAT | O_EXCL (atomic on POSIX filesystems, NFS v3+ included), naming its
+A lease is a small file `leases/<name>.json` in the store, created whole by
+hard-linking a complete temp file to the name (atomic and exclusive on POSIX
+filesystems, NFS v3+ included: never an empty lease another driver could read), naming its
 owner (driver id, host, pid) and an expiry that the owner's heartbeat renews.
 Another driver that needs the stage waits for it to appear in the store; it
 takes a lease over only when the owner is gone: the expiry has passed, or the
@@ -62,10 +63,16 @@ class Leases:
         return self.dir / f"{name}.json"
 
     def holder(self, name: str) -> dict | None:
+        path = self._path(name)
         try:
-            return json.loads(self._path(name).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            return json.loads(path.read_text())
+        except FileNotFoundError:
             return None
+        except json.JSONDecodeError:  # not written by this code (it creates whole files): held until it is old
+            try:
+                return {"driver": "", "host": "", "pid": 0, "expires": path.stat().st_mtime + BREAKER_STALE_S}
+            except FileNotFoundError:
+                return None
 
     def _body(self) -> bytes:
         return json.dumps({**asdict(self.owner), "expires": time.time() + self.ttl}).encode()
@@ -89,12 +96,17 @@ class Leases:
             return True
 
     def _create(self, path: Path) -> bool:
+        """Create the lease with its content in one step: a complete temp file hard-linked to the name
+        (fails if the name exists). O_EXCL then write would let another driver read an empty lease,
+        judge it stale and take it too."""
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(self._body())
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._body())
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def _break(self, path: Path) -> bool:

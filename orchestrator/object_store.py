@@ -129,6 +129,10 @@ def _strip_slash(url: str) -> str:
 def _open_fs(url: str):
     local = urlsplit(url).scheme in ("", "file", "local")
     options = {"auto_mkdir": True} if local else {"use_listings_cache": False}  # listings must be fresh
+    if urlsplit(url).scheme in ("s3", "s3a") and os.environ.get("AWS_ENDPOINT_URL"):
+        # fsspec caches filesystems by their arguments: name the endpoint, so a changed AWS_ENDPOINT_URL
+        # (another server, another test) gets its own client instead of a cached one for the old endpoint
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except TypeError:  # a filesystem that takes no such option

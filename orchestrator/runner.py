@@ -49,13 +49,28 @@ class StudyOutcome:
     errors: dict[str, str] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)  # stages that took more than one execution
     tracking: dict = field(default_factory=dict)
+    searches: list[dict] = field(default_factory=list)  # one per search stage run or reused
 
     def summary(self) -> dict:
         c = self.counts
-        return {"study_id": self.study_id, "state": self.state,
-                "stages": {"total": c["total"], "executed": c["executed"], "cached": c["cached"] + c["reused"],
-                           "failed": c["failed"] + c["skipped"]},
-                "retried": self.attempts, "not_logged": self.tracking.get("not_logged", 0)}
+        out = {"study_id": self.study_id, "state": self.state,
+               "stages": {"total": c["total"], "executed": c["executed"], "cached": c["cached"] + c["reused"],
+                          "failed": c["failed"] + c["skipped"]},
+               "retried": self.attempts, "not_logged": self.tracking.get("not_logged", 0)}
+        if self.searches:
+            out["search"] = self.searches
+        return out
+
+
+def search_summaries(store, graph: StageGraph, states: dict[str, str]) -> list[dict]:
+    """What each finished search found: trials, how many ASHA stopped early, the best trial."""
+    out = []
+    for stage in graph.of_kind("search"):
+        if states.get(stage.key) in ("executed", "cached", "reused"):
+            s = store.read_json("search", stage.key, "result.json")["search"]
+            out.append({"stage": stage.label, "key": stage.key, "trials": s["trials"],
+                        "stopped_early": s["stopped_early"], "best": s["best"]})
+    return out
 
 
 # --- preflight ---------------------------------------------------------------------------------
@@ -81,8 +96,9 @@ def check_resources(spec: StudySpec, graph: StageGraph) -> None:
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU", "memory")}
-    for kind, n in graph.counts().items():
-        if not n:
+    counts = graph.counts()
+    for kind in [*counts, "trial"]:
+        if not counts.get(kind, counts["search"] if kind == "trial" else 0):
             continue
         want = getattr(spec.resources, kind)
         for field_name, resource, value in (("cpus", "CPU", want.cpus), ("gpus", "GPU", want.gpus),
@@ -183,11 +199,13 @@ class Heartbeat:
 def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = None,
                  tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
                  on_event: EventFn | None = None, max_stages: int | None = MAX_STAGES,
-                 executor: Callable[[str, dict], Executor] | None = None) -> StudyOutcome:
-    """Run every stage of `spec` not already in the store; `executor(store_root, runtime)` defaults to Ray."""
+                 executor: Callable[[str, dict], Executor] | None = None,
+                 graph: StageGraph | None = None) -> StudyOutcome:
+    """Run every stage of `spec` (or of `graph`, built from it) not already in the store;
+    `executor(store_root, runtime)` defaults to Ray."""
     emit = on_event or (lambda event: None)
     store = open_store(store_root or spec.store.root)
-    graph = build_stage_graph(spec, max_stages)
+    graph = graph or build_stage_graph(spec, max_stages)
     uri = tracking_uri or spec.tracking.uri
     check_uri(uri)
 
@@ -263,7 +281,7 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
     attempts = {graph.stages[k].label: n for k, n in ((k, store.attempts(k)) for k, st in log.states.items()
                                                        if st == "executed") if n > 1}
     outcome = StudyOutcome(study_id, state, counts, parent, study_results(store, load_record(store, study_id)),
-                           dict(log.errors), attempts, tracked)
+                           dict(log.errors), attempts, tracked, search_summaries(store, graph, log.states))
     emit({"type": "end", **outcome.summary()})
     return outcome
 

@@ -27,6 +27,7 @@ from typing import Callable
 from orchestrator.executors import Executor
 from orchestrator.graph import StageGraph
 from orchestrator.leases import Leases
+from orchestrator.search_space import search_progress
 from orchestrator.spec import ResourcesSpec
 from orchestrator.store import ArtifactStore, CorruptArtifact
 from orchestrator.studies import DONE, StudyLog
@@ -96,6 +97,7 @@ class Scheduler:
         self.warned: set[str] = set()
         self.timed_out: set[str] = set()
         self.rebuilt: set[str] = set()
+        self.progress: dict[str, dict] = {}  # running searches: trials as last reported
 
     # --- transitions --------------------------------------------------------------------------
 
@@ -196,7 +198,16 @@ class Scheduler:
                 self.warned.add(key)
                 self.emit({"type": "warning", "message": f"{self.graph.stages[key].label} has waited {now - t0:.0f} s "
                                                          f"to start: {self.executor.why_pending(res)}"})
+            if self.graph.stages[key].kind == "search":
+                self._search_progress(key)
         return "cancelled" if self.log.cancel_requested() else None
+
+    def _search_progress(self, key: str) -> None:
+        """A running search's trials, for the live view (only when they changed)."""
+        progress = search_progress(self.store, key)
+        if progress is not None and progress != self.progress.get(key):
+            self.progress[key] = progress
+            self.emit({"type": "search", "key": key, **progress})
 
     def run(self) -> str:
         last_poll = time.time()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 
 from distill_core.data.colored import SEVERITY_SIGMA
 from distill_core.data.sources import SOURCES
@@ -28,19 +28,12 @@ from distill_core.methods import METHODS
 from distill_core.networks import ARCHITECTURES
 from distill_core.runtime import Runtime
 from orchestrator.errors import UserError
+from orchestrator.spec_base import Strict, as_list
 from orchestrator.spec_errors import Problem, problems_from, suggest
+from orchestrator.spec_search import SearchSpec
 
 MAX_GRID = 1000  # entries in one grid list
 MAX_SPEC_BYTES = 1 << 20
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def as_list(value: Any) -> Any:
-    """A scalar as a one-element list (grid axes accept either)."""
-    return [value] if value is not None and not isinstance(value, list) else value
 
 
 def Grid(item: Any, min_length: int = 1) -> Any:  # noqa: N802 (a type factory)
@@ -191,6 +184,7 @@ class DistillationSpec(Strict):
     # per-method options, each value a grid axis: {mtt: {syn_steps: [20, 30]}} (checked by the method's model)
     options: dict[MethodName, dict[str, Any]] = Field(default_factory=dict)
     log_every: int = Field(default=10, ge=1, le=10**7)
+    search: SearchSpec | None = None  # a Ray Tune search per distillation setting (orchestrator.spec_search)
 
 
 class EvaluationSpec(Strict):
@@ -202,6 +196,8 @@ class EvaluationSpec(Strict):
     lr: float | None = Field(default=None, gt=0, le=100)  # None: 0.01, or MTT's learned lr
     batch_size: int = Field(default=256, ge=1, le=100_000)
     checkpoints: int = Field(default=10, ge=1, le=10_000)  # validation checks over training
+    # a random real subset at each IPC, evaluated with each method's protocol: rows get acc_random and ior
+    random_baseline: bool = True
 
 
 RETRYABLE = {"MemoryError": MemoryError, "OSError": OSError, "TimeoutError": TimeoutError,
@@ -220,6 +216,12 @@ class StageResources(Strict):
     custom: dict[str, Annotated[float, Field(gt=0, le=1e6)]] = Field(default_factory=dict)  # Ray custom resources
 
 
+class CoordinatorResources(StageResources):
+    """A search stage: Tune's controller, which computes nothing itself (its trials hold the resources)."""
+
+    cpus: float = Field(default=0.0, ge=0, le=1024)
+
+
 class ResourcesSpec(Strict):
     # tasks: one Ray task per stage; actors: warm actors per stage kind, routed by the dataset they hold
     executor: Literal["tasks", "actors"] = "tasks"
@@ -227,6 +229,9 @@ class ResourcesSpec(Strict):
     ptm: StageResources = StageResources()
     distill: StageResources = StageResources()
     evaluate: StageResources = StageResources()
+    search: CoordinatorResources = CoordinatorResources()
+    external: StageResources = StageResources()  # importing a synthetic set made elsewhere (ddray evaluate)
+    trial: StageResources = StageResources()  # each trial of a search (a Tune trial actor)
 
 
 class RuntimeSpec(Runtime):
@@ -325,8 +330,43 @@ def load_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where}{at}: YAML error: {problem}") from None
 
 
-def load_spec(path: str | Path) -> StudySpec:
+def load_spec(path: str | Path, profile: str | None = None) -> StudySpec:
+    return read_spec(path, profile)[0]
+
+
+def read_spec(path: str | Path, profile: str | None = None) -> tuple[StudySpec, str]:
+    """The spec in a file, with a profile's overlay applied, and the YAML text of what runs.
+
+    A spec may carry `profiles: {NAME: overlay}`: each overlay is merged into the
+    spec (mappings key by key, anything else replaced) when `--profile NAME` is
+    given, e.g. a `smoke` profile shrinking a paper study to minutes on a CPU.
+    """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"spec file not found: {p}")
-    return parse_spec(load_yaml(p.read_text(), str(p)))
+    text = p.read_text()
+    data = load_yaml(text, str(p))
+    if not isinstance(data, dict):
+        raise UserError("spec: expected a mapping at the top level")
+    profiles = data.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise UserError("profiles: expected a mapping of profile names to spec overlays")
+    if profile is None:
+        return parse_spec(data), text
+    if profile not in profiles:
+        known = f" (known: {', '.join(sorted(profiles))})" if profiles else " (it has no profiles)"
+        raise UserError(f"--profile: '{profile}' is not a profile of {p}{known}")
+    merged = overlay(data, profiles[profile])
+    return parse_spec(merged), f"# {p.name} with profile {profile}\n" + yaml.safe_dump(merged, sort_keys=False)
+
+
+def profiles_of(path: str | Path) -> list[str]:
+    data = load_yaml(Path(path).read_text(), str(path))
+    return sorted((data or {}).get("profiles") or {}) if isinstance(data, dict) else []
+
+
+def overlay(base: Any, patch: Any) -> Any:
+    """`patch` merged into `base`: mappings key by key, any other value replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: overlay(base.get(k), v) for k, v in patch.items()}}
+    return patch

@@ -26,10 +26,11 @@ from distill_core.methods.registry import evaluation_augment
 from distill_core.networks import ARCHITECTURES, check_network, unknown_options
 from orchestrator.spec import MAX_GRID, ArchSpec, DatasetSpec, Strict, StudySpec, as_list
 from orchestrator.spec_errors import Problem, problems_from, suggest
+from orchestrator.spec_search import check_search
 
 
 def check_spec(spec: StudySpec) -> list[Problem]:
-    return [*_references(spec), *_options(spec), *_augmentations(spec), *_networks(spec)]
+    return [*_references(spec), *_options(spec), *_augmentations(spec), *_networks(spec), *check_search(spec)]
 
 
 # --- method options ---------------------------------------------------------------------------------

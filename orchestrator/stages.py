@@ -25,15 +25,16 @@ import torch
 
 from distill_core.data import BiasedDataset, load_source
 from distill_core.evaluation import evaluate_synthetic
-from distill_core.guidance import PTMGuidance, PTMPool
+from distill_core.guidance import GuidanceConfig, PTMGuidance, PTMPool
 from distill_core.methods import RealData, SyntheticSet, get_method
 from distill_core.networks import build_network
 from distill_core.ptm import train_ptm
 from distill_core.runtime import Runtime
+from distill_core.sets import external_set
 from distill_core.utils import set_threads
 from orchestrator.graph import Stage
 from orchestrator.object_store import open_store
-from orchestrator.store import ArtifactStore, tensors_to_bytes
+from orchestrator.store import ArtifactStore, sha256_file, tensors_to_bytes
 
 RESULT = "result.json"
 CURRENT_RUN: dict = {}  # where and how the stage in this process runs (execute_stage sets it)
@@ -51,18 +52,19 @@ def png_bytes(grid: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _json(obj) -> bytes:
+def json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True, default=float).encode()
 
 
-def _finish(store: ArtifactStore, stage: Stage, files: dict[str, bytes], metrics: dict,
+def finish_stage(store: ArtifactStore, stage: Stage, files: dict[str, bytes], metrics: dict,
             artifacts: list[str], meta: dict | None = None, started: float = 0.0) -> dict:
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     metrics["wall_seconds"] = time.time() - started
     result = {"key": stage.key, "kind": stage.kind, "label": stage.label, "config": stage.config,
-              "coords": stage.coords, "metrics": metrics, "artifacts": artifacts, "run": dict(CURRENT_RUN),
+              "coords": stage.coords, "inputs": stage.inputs, "metrics": metrics, "artifacts": artifacts,
+              "run": dict(CURRENT_RUN),
               **(meta or {})}
-    files[RESULT] = _json(result)
+    files[RESULT] = json_bytes(result)
     store.write_stage(stage.kind, stage.key, files, meta or {})
     return result
 
@@ -104,11 +106,11 @@ def run_dataset(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     ds = cfg.build(source)
     counts = ds.counts()
     meta = {**ds.meta, "source_checksum": source.checksum()}
-    files = {"dataset.pt": tensors_to_bytes(ds.to_tensors()), "counts.json": _json(counts),
+    files = {"dataset.pt": tensors_to_bytes(ds.to_tensors()), "counts.json": json_bytes(counts),
              "counts.csv": counts_csv(counts).encode(), "dataset_grid.png": png_bytes(dataset_grid(ds))}
     metrics = {f"{k}_total": sum(v) for k, v in counts.items()}
     metrics["val_size"] = len(ds.val_index)
-    return _finish(store, stage, files, metrics, ["counts.csv", "counts.json", "dataset_grid.png"],
+    return finish_stage(store, stage, files, metrics, ["counts.csv", "counts.json", "dataset_grid.png"],
                    {"dataset_meta": meta}, started)
 
 
@@ -153,8 +155,8 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
                        progress=lambda epoch, r: log.info("epoch %d/%d %s", epoch, cfg.epochs, _fmt(r)))
     flat = {f"{epoch}/{name}": t for epoch, sd in result.checkpoints.items() for name, t in sd.items()}
     last = result.history[-1]
-    files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": _json(result.history)}
-    return _finish(store, stage, files, {"train_acc": last["train_acc"], "val_acc": last.get("val_acc"),
+    files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": json_bytes(result.history)}
+    return finish_stage(store, stage, files, {"train_acc": last["train_acc"], "val_acc": last.get("val_acc"),
                                          "train_loss": last["train_loss"]},
                    ["history.json"], {"epochs": sorted(result.checkpoints)}, started)
 
@@ -170,9 +172,8 @@ def load_checkpoints(store: ArtifactStore, key: str) -> dict[int, dict[str, torc
 
 # --- distillation -------------------------------------------------------------------------------
 
-def build_guidance(store: ArtifactStore, stage: Stage, real: RealData) -> PTMGuidance | None:
+def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: GuidanceConfig | None) -> PTMGuidance | None:
     """The frozen PTM pool a distillation samples from: the chosen checkpoints of every input PTM."""
-    g = stage.typed_config().guidance
     if g is None:
         return None
     pool = PTMPool()
@@ -202,8 +203,8 @@ def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     real = RealData.from_dataset(ds, runtime.torch_device)
     experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
     syn = get_method(cfg.method).distill(
-        real, cfg, runtime, guidance=build_guidance(store, stage, real), experts=experts or None,
-        progress=lambda it, r: log.info("iteration %d/%d %s", it + 1, cfg.iterations, _fmt(r)))
+        real, cfg, runtime, guidance=build_guidance(store, stage, real, cfg.guidance), experts=experts or None,
+        progress=lambda it, r, _: log.info("iteration %d/%d %s", it + 1, cfg.iterations, _fmt(r)))
     history = syn.history
     metrics = {"n_images": len(syn.labels)}
     if history:
@@ -212,16 +213,35 @@ def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
                 metrics[f"final_{k}"] = v
     if syn.lr is not None:
         metrics["synthetic_lr"] = syn.lr
-    files = {"synthetic.pt": tensors_to_bytes(syn.to_tensors()), "history.json": _json(history),
+    files = {"synthetic.pt": tensors_to_bytes(syn.to_tensors()), "history.json": json_bytes(history),
              "synthetic_grid.png": png_bytes(synthetic_grid(syn, cfg.ipc))}
-    return _finish(store, stage, files, metrics, ["synthetic_grid.png", "history.json"],
+    return finish_stage(store, stage, files, metrics, ["synthetic_grid.png", "history.json"],
                    {"synthetic_meta": syn.meta()}, started)
+
+
+def run_external(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
+    """Import a synthetic set saved by another codebase (checked against the dataset it will be evaluated on)."""
+    started = time.time()
+    cfg = stage.typed_config()
+    path = Path(stage.runtime["path"])
+    if sha256_file(path) != cfg.sha256:
+        raise ValueError(f"{path} changed since it was submitted (sha256 differs)")
+    ds = load_dataset(store, stage.inputs["dataset"])
+    shape = tuple(ds.train_images.shape[1:])
+    syn = external_set(torch.load(path, map_location="cpu", weights_only=True), ds.normalization, cfg.space,
+                       ds.num_classes, shape)
+    files = {"synthetic.pt": tensors_to_bytes(syn.to_tensors()), "history.json": json_bytes([]),
+             "synthetic_grid.png": png_bytes(synthetic_grid(syn, cfg.ipc))}
+    metrics = {"n_images": len(syn.labels), **({"synthetic_lr": syn.lr} if syn.lr is not None else {})}
+    return finish_stage(store, stage, files, metrics, ["synthetic_grid.png"], {"synthetic_meta": syn.meta(),
+                        "source_file": str(path)}, started)
 
 
 def load_synthetic(store: ArtifactStore, key: str, ds: BiasedDataset) -> SyntheticSet:
     """A stored synthetic set, in the normalisation of the dataset variant it was distilled from."""
-    meta = store.read_json("distill", key, RESULT)["synthetic_meta"]
-    return SyntheticSet.from_tensors(store.read_tensors("distill", key, "synthetic.pt"), meta, ds.normalization)
+    kind = key.split("-", 1)[0]  # a distillation's or a search's (its best trial's set)
+    meta = store.read_json(kind, key, RESULT)["synthetic_meta"]
+    return SyntheticSet.from_tensors(store.read_tensors(kind, key, "synthetic.pt"), meta, ds.normalization)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -248,16 +268,23 @@ def run_evaluate(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
         "network %d/%d: acc %.4f at epoch %s (val %.4f)", r + 1, cfg.repeats, res["acc"], res["epoch"], res["val_acc"]))
     summary = summarise(runs)
     per_class = np.array([r["per_class"] for r in runs], dtype=float).mean(axis=0).tolist()
-    files = {"repeats.json": _json(runs), "per_class_accuracy.json": _json(
+    files = {"repeats.json": json_bytes(runs), "per_class_accuracy.json": json_bytes(
         {"class": list(range(len(per_class))), "accuracy": per_class})}
     metrics = {k: v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)}
     metrics["n_repeats"] = summary["n_repeats"]
-    return _finish(store, stage, files, metrics, ["per_class_accuracy.json", "repeats.json"],
+    return finish_stage(store, stage, files, metrics, ["per_class_accuracy.json", "repeats.json"],
                    {"summary": summary}, started)
 
 
+def run_search(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
+    from orchestrator.search import run_search  # Ray Tune, imported only where a search runs
+
+    return run_search(stage, store, runtime)
+
+
 RUNNERS: dict[str, Callable[[Stage, ArtifactStore, Runtime], dict]] = {
-    "dataset": run_dataset, "ptm": run_ptm, "distill": run_distill, "evaluate": run_evaluate,
+    "dataset": run_dataset, "ptm": run_ptm, "distill": run_distill, "search": run_search, "external": run_external,
+    "evaluate": run_evaluate,
 }
 
 

@@ -23,6 +23,7 @@ import re
 import time
 from pathlib import Path
 
+from distill_core.methods.registry import reference_method
 from orchestrator.errors import UserError
 from orchestrator.leases import Owner
 from orchestrator.spec_errors import suggest
@@ -252,7 +253,38 @@ def study_results(store: ArtifactStore, record: dict) -> list[dict]:
         row_key = json.dumps([coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)], sort_keys=True, default=str)
         groups.setdefault(row_key, []).append(result)
     rows = [_row(results) for results in groups.values()]
-    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in (*RESULT_KEYS, *ROW_EXTRAS)))
+    return sorted(scored(rows), key=lambda r: tuple(str(r[k]) for k in (*RESULT_KEYS, *ROW_EXTRAS)))
+
+
+VARIANT = ("dataset", "aligned_ratio", "severity")
+
+
+def scored(rows: list[dict]) -> list[dict]:
+    """Rows with the references beside them: `acc_random` (the random real subset at the row's IPC,
+    evaluated with the row's protocol and architecture), `ior` = acc_mean - acc_random, `acc_whole` (the
+    whole training split, same protocol, where the study has it) and, for biased data, `gap` =
+    acc_aligned - acc_conflicting. The random subsets a study adds on its own are not rows themselves."""
+    random = reference_method("random_subset")
+    whole = reference_method("whole_dataset")
+
+    def at(row, *names):
+        return json.dumps([row.get(k) for k in names], default=str)
+
+    by_random = {at(r, *VARIANT, "ipc", "eval_arch", "eval_protocol"): r["acc_mean"]
+                 for r in rows if random is not None and r["method"] == random.name}
+    by_whole = {at(r, *VARIANT, "eval_arch", "eval_protocol"): r["acc_mean"]
+                for r in rows if whole is not None and r["method"] == whole.name}
+    out = []
+    for r in rows:
+        if r.pop("reference", None):
+            continue
+        r["acc_random"] = by_random.get(at(r, *VARIANT, "ipc", "eval_arch", "eval_protocol"))
+        r["ior"] = r["acc_mean"] - r["acc_random"] if r["acc_random"] is not None else None
+        r["acc_whole"] = by_whole.get(at(r, *VARIANT, "eval_arch", "eval_protocol"))
+        r["gap"] = r["acc_aligned"] - r["acc_conflicting"] \
+            if r.get("acc_aligned") is not None and r.get("acc_conflicting") is not None else None
+        out.append(r)
+    return out
 
 
 def _row(results: list[dict]) -> dict:
@@ -265,6 +297,7 @@ def _row(results: list[dict]) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     row = {k: coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)}
+    row["reference"] = coords.get("reference")  # a baseline the study added: scores rows, is not one
     mean = sum(accs) / len(accs)
     row.update({
         "acc_mean": mean, "acc_std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),

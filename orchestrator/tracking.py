@@ -27,6 +27,7 @@ the run uses MLflow's normal retries.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -231,17 +232,49 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags={PARENT_TAG: parent_run_id})
         rid = run.info.run_id
         resources = {f"resources.{k}": run_info[k] for k in ("cpus", "gpus") if k in run_info}
-        params = [Param(k[:250], v) for k, v in flatten({**result.get("config", {}), **resources}).items()]
+        best = {"best": result["search"]["best"]["config"]} if "search" in result else {}
+        params = [Param(k[:250], v) for k, v in flatten({**result.get("config", {}), **resources, **best}).items()]
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.get("metrics", {}).items()]
         tag_list = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, max(len(params), len(metrics), len(tag_list), 1), 100):  # MLflow's per-call limits
             self.client.log_batch(rid, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tag_list[i:i + 100])
+        series = curves(store, result)
+        for i in range(0, len(series), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(rid, metrics=series[i:i + 1000])
+        inputs = input_datasets(store, result)
+        if inputs:
+            self.client.log_inputs(rid, datasets=inputs)
         for name in result.get("artifacts", []):
             path = store.path(result["kind"], result["key"], name)  # local (a cached copy for object stores)
             if path.exists():
                 self.client.log_artifact(rid, str(path))
+        for trial in result.get("trials", []):  # a search's trials, nested under its run
+            self.log_trial(rid, study_id, result["key"], trial)
         self.client.set_terminated(rid, "FINISHED")
         return rid
+
+    def log_trial(self, stage_run_id: str, study_id: str, key: str, trial: dict) -> None:
+        """One nested run per trial: the sampled values as params, the proxy curve as a metric series."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        tags = {PARENT_TAG: stage_run_id, "ddray.study_id": study_id, "ddray.trial_of": key,
+                "ddray.trial_id": trial["trial_id"], "ddray.stopped_early": str(trial["stopped_early"]).lower()}
+        if trial["best"]:
+            tags["ddray.best_trial"] = "true"
+        if trial["error"]:
+            tags["ddray.error"] = trial["error"]
+        run = self.client.create_run(self.experiment_id, run_name=f"trial {trial['trial_id']}",
+                                     tags={PARENT_TAG: stage_run_id})
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(point[name]), now, int(point["iterations"]))
+                   for point in trial["curve"] for name in point if name != "iterations"]
+        metrics.append(Metric("iterations_run", float(trial["iterations"]), now, 0))
+        params = [Param(k[:250], v) for k, v in flatten(trial["config"]).items()]
+        tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, max(len(metrics), len(params), len(tag_list)), 100):
+            self.client.log_batch(run.info.run_id, metrics=metrics[i:i + 100], params=params[i:i + 100],
+                                  tags=tag_list[i:i + 100])
+        self.client.set_terminated(run.info.run_id, "FAILED" if trial["error"] else "FINISHED")
 
     def log_failure(self, parent_run_id: str, study_id: str, label: str, key: str, kind: str, error: str,
                     driver: str) -> None:
@@ -260,6 +293,56 @@ class Tracker:
         self.client.set_tag(run_id, "ddray.state", state)
         status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(run_id, status)
+
+
+def curves(store, result: dict) -> list:
+    """A stage's curves as MLflow metric series: a distillation's (or a search's best trial's) objective
+    by iteration, a PTM's training by epoch, an evaluation's validation accuracy (mean over networks) by
+    checked epoch."""
+    from mlflow.entities import Metric
+
+    kind, key, now = result["kind"], result["key"], int(time.time() * 1000)
+    out = []
+    try:
+        if kind in ("distill", "search", "ptm") and "history.json" in result.get("artifacts", []):
+            step_of = "epoch" if kind == "ptm" else "iteration"
+            for record in store.read_json(kind, key, "history.json"):
+                step = int(record.get(step_of, 0))
+                out += [Metric(name, float(v), now, step) for name, v in record.items()
+                        if name != step_of and isinstance(v, (int, float)) and math.isfinite(v)]
+        elif kind == "evaluate":
+            by_epoch: dict[int, list[float]] = {}
+            for run in store.read_json(kind, key, "repeats.json"):
+                for epoch, acc in run.get("val_curve", []):
+                    by_epoch.setdefault(int(epoch), []).append(float(acc))
+            out = [Metric("val_acc", sum(v) / len(v), now, e) for e, v in sorted(by_epoch.items())]
+    except (OSError, ValueError, KeyError):  # an older stage without curves: nothing to chart
+        return []
+    return out
+
+
+def input_datasets(store, result: dict) -> list:
+    """The stage's stored inputs (dataset variant, synthetic set) as MLflow dataset inputs: lineage in the UI,
+    each named by its stage label and identified by the sha256 of its stored tensors."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    out = []
+    for role, file in (("dataset", "dataset.pt"), ("synthetic", "synthetic.pt")):
+        key = result.get("inputs", {}).get(role)
+        if not isinstance(key, str):
+            continue
+        kind = key.split("-", 1)[0]
+        manifest = store.manifest(kind, key) or {}
+        digest = manifest.get("files", {}).get(file, {}).get("sha256", "")
+        label = manifest.get("meta", {}).get("label") or key
+        try:
+            label = store.read_json(kind, key, "result.json")["label"]
+        except (OSError, ValueError, KeyError):
+            pass
+        dataset = Dataset(name=label[:500], digest=digest[:36], source_type="ddray-store",
+                          source=json.dumps({"store": str(store.root), "stage": key, "file": file}))
+        out.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", role)]))
+    return out
 
 
 class TrackingQueue:

@@ -139,9 +139,11 @@ def ray_head(token: str, num_cpus: int = 2):
 def mlflow_server(db: str, port: int | None = None):
     """`mlflow server` on `port` (default: a free one) over the `db` backend; yields (its http URI, the process)."""
     port = port or free_port()
+    work = Path(tempfile.mkdtemp(prefix="ddray-mlflow-"))  # its artifacts, never in the checkout
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db, "--host",
-                             "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                             "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--artifacts-destination", str(work / "mlartifacts")],
+                            cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
     def answers() -> bool:
@@ -159,3 +161,48 @@ def mlflow_server(db: str, port: int | None = None):
             proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)  # Debian keeps them here
+    return next((str(v / name) for v in versions if (v / name).exists()), None)
+
+
+@contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql: initdb + pg_ctl in a temp dir, run as
+    the `postgres` user when this process is root, since PostgreSQL refuses root); yields its SQLAlchemy URI."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.fail("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run installs it)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="ddray-pg-"))  # under /tmp: pytest's own dirs are closed to other users
+    data, sock = base / "pgdata", base / "pgsock"
+    sock.mkdir(exist_ok=True)
+    if as_user:
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+    port = free_port()
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    log = base / "postgres.log"
+    if as_user:
+        log.touch()
+        shutil.chown(log, "postgres")
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+                    f"-h 127.0.0.1 -p {port} -k {sock}", "start"], check=True, capture_output=True)
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE mlflow")
+        conn.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"  # as deploy/mlflow selects the driver
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -32,7 +32,7 @@ def tiny(name="cluster", iterations=40, **resources) -> dict:
                          "arch": {"name": "convnet", "width": 8}, "batch_real": 16,
                          "guidance": ["none", {"kind": "clom", "pool": "pool", "alpha": 0.1}]},
         "evaluation": {"architectures": [{"name": "convnet", "width": 8}], "repeats": 1, "epochs": 2,
-                       "checkpoints": 1},
+                       "checkpoints": 1, "random_baseline": False},  # orchestration under test, not baselines
     }
     if resources:
         data["resources"] = resources

@@ -51,9 +51,9 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
     events = []
     first = submit_study(spec, SPEC, store_root=str(tmp_path / "store"), tracking_uri=uri, on_event=events.append)
 
-    # 1 dataset, 1 ptm, 2 distillations, 4 evaluations
+    # 1 dataset, 1 ptm, 2 distillations, 4 evaluations, + the random subset at IPC 2 and its 2 evaluations
     assert first.state == "succeeded", first.errors
-    assert first.counts["total"] == 8 and first.counts["executed"] == 8 and first.counts["cached"] == 0
+    assert first.counts["total"] == 11 and first.counts["executed"] == 11 and first.counts["cached"] == 0
     assert {e["state"] for e in events if e["type"] == "stage"} >= {"running", "executed"}
 
     client = MlflowClient(uri)
@@ -64,7 +64,7 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
     assert len(parents) == 1 and parents[0].info.run_id == first.parent_run_id
     assert parents[0].data.tags["ddray.spec_hash"] == spec.spec_hash()
     assert "spec.yaml" in [a.path for a in client.list_artifacts(first.parent_run_id)]
-    assert len(children) == 8
+    assert len(children) == 11
     distills = [r for r in children if r.data.tags["ddray.stage_kind"] == "distill"]
     assert all("synthetic_grid.png" in [a.path for a in client.list_artifacts(r.info.run_id)] for r in distills)
     (data_run,) = [r for r in children if r.data.tags["ddray.stage_kind"] == "dataset"]
@@ -82,13 +82,14 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
         for k in ("acc_mean", "acc_std", "acc_unbiased", "acc_aligned", "acc_conflicting"):
             assert math.isfinite(row[k]), (k, row)
         assert row["acc_mean"] > 0.3, row
+        assert math.isfinite(row["acc_random"]) and row["ior"] == row["acc_mean"] - row["acc_random"]
     assert {r["guidance"] for r in rows} == {"none", "clom:pool:a0.1"}
     assert {r["eval_protocol"] for r in rows} == {"dsa:color_crop_cutout_scale_rotate/30ep"}
 
     # the same spec again: nothing executes, everything is cached, no duplicate child runs
     second = submit_study(spec, SPEC, store_root=str(tmp_path / "store"), tracking_uri=uri)
     assert second.state == "succeeded"
-    assert second.counts["executed"] == 0 and second.counts["cached"] == 8
+    assert second.counts["executed"] == 0 and second.counts["cached"] == 11
     assert second.study_id == first.study_id and second.parent_run_id == first.parent_run_id
     runs_after = client.search_runs([exp.experiment_id], max_results=1000)
     assert len(runs_after) == len(runs)
@@ -115,8 +116,8 @@ def test_failed_stage_skips_dependents_and_is_reported(ray_session, tmp_path, mo
     out = submit_study(spec, yaml.safe_dump(data), store_root=str(tmp_path / "store"),
                        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert out.state == "failed"
-    # dataset, expert, dm + its 2 evaluations run; mtt fails; its 2 evaluations are skipped
-    assert out.counts["failed"] == 1 and out.counts["skipped"] == 2 and out.counts["executed"] == 5
+    # dataset, expert, dm + its 2 evaluations, the random subset + its 2 run; mtt fails; its 2 evaluations are skipped
+    assert out.counts["failed"] == 1 and out.counts["skipped"] == 2 and out.counts["executed"] == 8
     failed = [v for v in out.errors.values() if not v.startswith("input ")]
     skipped = [v for v in out.errors.values() if v.startswith("input ")]
     assert failed == ["ValueError: no expert has checkpoints e and e + 5 with e < 20"] and len(skipped) == 2
@@ -164,8 +165,9 @@ def test_methods_guidance_and_trajectories_are_one_grid_away(ray_session, tmp_pa
     out = submit_study(spec, MIXED, store_root=str(tmp_path / "store"), tracking_uri=f"sqlite:///{tmp_path}/m.db")
     assert out.state == "succeeded", out.errors
     # datasets: digits + fmnist (pulled in by its pool); ptm: 1 expert + 2 fashion;
-    # distill: dc x2 guidance, mtt x2, random x1 (baselines take no guidance)
-    assert out.counts["total"] == 2 + 3 + 5 + 5
+    # distill: dc x2 guidance, mtt x2, random x1 (baselines take no guidance); evaluations: each set once,
+    # and the random subset once more under DC's protocol (its rows' acc_random)
+    assert out.counts["total"] == 2 + 3 + 5 + 6
     combos = {(r["method"], r["guidance"]) for r in out.results}
     assert combos == {("dc", "none"), ("dc", "cclom:fashion:a{convnet-width8=1,mlp=0.5}"), ("mtt", "none"),
                       ("mtt", "cclom:fashion:a{convnet-width8=1,mlp=0.5}"), ("random", "none")}

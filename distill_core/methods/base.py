@@ -35,7 +35,9 @@ class DistillConfig(Config):
     guidance: GuidanceConfig | None = None
 
 
-ProgressFn = Callable[[int, dict], None]
+# progress(iteration, record, syn): called at every logged iteration with the live synthetic set (its
+# images are the tensor being optimised: copy what you keep; a search evaluates it to report a proxy score)
+ProgressFn = Callable[[int, dict, SyntheticSet], None]
 
 
 class Guidance(Protocol):
@@ -50,7 +52,7 @@ def log_iteration(syn: SyntheticSet, it: int, cfg: DistillConfig, record: dict,
     if it % cfg.log_every == 0 or it == cfg.iterations - 1:
         syn.history.append({**record, "iteration": it})
         if progress is not None:
-            progress(it, syn.history[-1])
+            progress(it, syn.history[-1], syn)
 
 
 def init_synthetic(real: RealData, cfg: DistillConfig, generator: torch.Generator) -> SyntheticSet:

@@ -82,11 +82,11 @@ def distill_whole(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT
     return _subset(real, torch.arange(len(real.labels), device=real.device))
 
 
-def _baseline(name: str, fn, summary: str) -> Method:
+def _baseline(name: str, fn, summary: str, reference: str | None = None) -> Method:
     return register(Method(name=name, distill=fn, iterations=0, lr_img=0.0, init="real", augment=False,
-                           evaluation=dsa_protocol, optimises_images=False, summary=summary))
+                           evaluation=dsa_protocol, optimises_images=False, reference=reference, summary=summary))
 
 
-_baseline("random", distill_random, "a random real subset of IPC images per class")
+_baseline("random", distill_random, "a random real subset of IPC images per class", "random_subset")
 _baseline("herding", distill_herding, "herding coreset on a network's embeddings (Welling 2009)")
-_baseline("whole", distill_whole, "the whole training split (upper-bound reference)")
+_baseline("whole", distill_whole, "the whole training split (upper-bound reference)", "whole_dataset")

@@ -257,6 +257,7 @@ def distill_mtt(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_R
             record["loss_ptm"] = ptm_loss.item()
         opt_img.step()
         opt_lr.step()
+        syn.lr = float(syn_lr.detach())  # the live set carries its learned lr (a search's proxy evaluates with it)
         log_iteration(syn, it, cfg, record, progress)
 
     syn.images = x_syn.detach()

@@ -84,6 +84,9 @@ class Method:
     options: type[Options] = Options
     needs_experts: bool = False  # takes expert trajectories (a PTM pool with recipe "expert")
     optimises_images: bool = True  # False for coreset baselines: no iterations, no lr, no guidance
+    # "random_subset": every study evaluates this method's set at each IPC as the baseline others are scored
+    # against (DD-Ranking's improvement over random); "whole_dataset": the upper-bound reference row
+    reference: Literal["random_subset", "whole_dataset"] | None = None
     summary: str = ""
 
     def __post_init__(self):
@@ -126,3 +129,8 @@ def get_method(name: str) -> Method:
 def options_of(cfg) -> Options:
     """The typed options of `cfg.method`, from `cfg.options` (unknown or bad options raise)."""
     return get_method(cfg.method).options(**cfg.options)
+
+
+def reference_method(role: str) -> Method | None:
+    """The registered method playing a reference role ("random_subset", "whole_dataset"), if any."""
+    return next((m for m in METHODS.values() if m.reference == role), None)

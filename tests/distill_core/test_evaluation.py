@@ -76,7 +76,10 @@ def test_reported_metrics_are_those_of_the_best_validation_checkpoint(real, data
     r = evaluation.train_and_evaluate(syn, sets, cfg, 0)
     assert r["epoch"] < cfg.epochs  # selection picked an earlier checkpoint than the final weights
     chosen_model, _ = seen[len(seen) - 1]  # the last snapshot taken is the best-validation one
+    curve = r.pop("val_curve")
     assert r == {"val_acc": r["val_acc"], "epoch": r["epoch"], **evaluation.test_metrics(chosen_model, sets)}
+    assert [e for e, _ in curve] == sorted(evaluation.validation_epochs(cfg))  # every check, in order
+    assert dict(curve)[r["epoch"]] == r["val_acc"] == max(acc for _, acc in curve)
 
 
 class LrRecorder:
@@ -217,3 +220,20 @@ def test_compiled_training_steps_give_the_eager_result(real, dataset):
     compiled = evaluate_synthetic(syn, dataset, cfg, Runtime(compile=True, tile=16))[0]
     assert compiled["epoch"] == eager["epoch"]
     assert abs(compiled["acc"] - eager["acc"]) <= 2 / len(dataset.test_labels)
+
+
+def test_proxy_accuracy_is_the_validation_accuracy_of_the_same_training(real, dataset):
+    """A search's proxy: the evaluation recipe shortened, scored on the validation split only."""
+    syn = real_subset(real, 5)
+    cfg = EvalConfig(arch_options={"width": 8}, epochs=6, checkpoints=1, repeats=2)
+    sets = EvalSets.from_dataset(dataset, "cpu")
+    got = evaluation.proxy_accuracy(syn, sets.val, dataset.num_classes, cfg)
+    accs = []
+    for r in range(2):
+        model = evaluation.fit(syn, cfg, r, num_classes=dataset.num_classes)
+        accs.append(evaluation.accuracy_of(evaluation.predict(model, sets.val[0]), sets.val[1]))
+    assert got == pytest.approx(sum(accs) / 2, abs=1e-7)
+    # the network trained for the proxy is the one `train_and_evaluate` trains: same val accuracy at epoch E
+    full = train_and_evaluate(syn, sets, cfg.model_copy(update={"repeats": 1}), 0)
+    assert full["epoch"] == 6 and full["val_acc"] == pytest.approx(accs[0], abs=1e-7)
+    assert syn.images.grad is None and not syn.images.requires_grad  # the live set is not touched

@@ -52,12 +52,36 @@ def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(tmp_path
     (tmp_path / "leases" / "k.json").write_text(json.dumps(
         {"driver": "gone", "host": HOST, "pid": 2**22 + 77, "expires": 4e9}))
     takers = [Leases(tmp_path, Owner(f"d{i}", HOST, os.getpid())) for i in range(8)]
-    barrier = threading.Barrier(len(takers))
-    won = []
+    won = race(takers, "k")
+    assert len(won) == 1
+    assert json.loads((tmp_path / "leases" / "k.json").read_text())["driver"] == won[0]
+
+
+def test_a_lease_is_never_seen_empty_and_an_unreadable_one_is_held_until_old(tmp_path):
+    """Creation writes the whole file under its name at once (a driver that read an empty lease
+    judged it stale and computed the stage too: a duplicate the concurrent-submit test caught)."""
+    a, b = Leases(tmp_path, Owner.here()), Leases(tmp_path, Owner.here())
+    assert a.acquire("s")
+    assert json.loads((tmp_path / "leases" / "s.json").read_text())["driver"] == a.owner.driver
+    assert not list((tmp_path / "leases").glob(".*.tmp"))  # the temp file is gone
+    (tmp_path / "leases" / "t.json").write_text("")  # as if half-written by something else
+    assert not b.acquire("t")  # young: held
+    old = os.path.getmtime(tmp_path / "leases" / "t.json") - 60
+    os.utime(tmp_path / "leases" / "t.json", (old, old))
+    assert b.acquire("t")  # old and unreadable: stale
+
+
+def test_many_threads_creating_one_lease_give_exactly_one_holder(tmp_path):
+    assert len(race([Leases(tmp_path, Owner.here()) for _ in range(8)], "fresh")) == 1
+
+
+def race(takers: list[Leases], name: str) -> list[str]:
+    """Every taker tries `name` at once (a barrier); the drivers that got it."""
+    barrier, won = threading.Barrier(len(takers)), []
 
     def take(leases):
         barrier.wait()
-        if leases.acquire("k"):
+        if leases.acquire(name):
             won.append(leases.owner.driver)
 
     threads = [threading.Thread(target=take, args=(t,)) for t in takers]
@@ -65,5 +89,4 @@ def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(tmp_path
         t.start()
     for t in threads:
         t.join()
-    assert len(won) == 1
-    assert json.loads((tmp_path / "leases" / "k.json").read_text())["driver"] == won[0]
+    return won

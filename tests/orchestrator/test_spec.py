@@ -2,9 +2,11 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.spec import MAX_SPEC_BYTES, load_spec, parse_spec
+from orchestrator.graph import build_stage_graph
+from orchestrator.spec import MAX_SPEC_BYTES, load_spec, parse_spec, profiles_of, read_spec
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
@@ -15,7 +17,7 @@ BASE = {
     "ptm_pools": [{"name": "p", "dataset": "d", "architectures": ["convnet"], "seeds": [0, 1], "epochs": 3}],
     "distillation": {"methods": ["dm"], "ipc": [1, 10], "iterations": 5,
                      "guidance": ["none", {"kind": "clom", "pool": "p", "alpha": 10}]},
-    "evaluation": {"architectures": ["convnet", "mlp"], "repeats": 2, "epochs": 5},
+    "evaluation": {"architectures": ["convnet", "mlp"], "repeats": 2, "epochs": 5, "random_baseline": False},
 }
 
 
@@ -35,6 +37,22 @@ def errors_of(mutate) -> list[str]:
 def test_shipped_configs_are_valid(path):
     spec = load_spec(path)
     assert spec.version == 1
+    for profile in profiles_of(path):  # and every profile over it builds its graph
+        build_stage_graph(load_spec(path, profile))
+
+
+def test_a_profile_overlays_the_spec_and_an_unknown_one_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "profiles": {"smoke": {"name": "t-smoke", "distillation": {"ipc": [1]}}}}))
+    full, smoke = load_spec(path), load_spec(path, "smoke")
+    assert (full.name, full.distillation.ipc) == ("t", [1, 10])
+    assert (smoke.name, smoke.distillation.ipc, smoke.distillation.methods) == ("t-smoke", [1], ["dm"])  # merged
+    assert smoke.study_id != full.study_id
+    spec, text = read_spec(path, "smoke")
+    assert "t-smoke" in text and "profiles" not in text
+    with pytest.raises(UserError) as exc:
+        load_spec(path, "smokey")
+    assert exc.value.lines == [f"--profile: 'smokey' is not a profile of {path} (known: smoke)"]
 
 
 def test_valid_spec_defaults():

@@ -102,3 +102,24 @@ def test_a_driver_that_died_is_abandoned_not_running(tmp_path):
     path.write_text(json.dumps({**beat, "host": "elsewhere", "heartbeat": beat["heartbeat"] - 3600}))
     assert load_record(store, "s-2")["state"] == "abandoned"  # another host's driver, silent for an hour
     assert list_studies(store)[0]["state"] == "abandoned"
+
+
+def test_rows_are_scored_against_the_random_subset_evaluated_the_same_way(tmp_path):
+    from orchestrator.studies import scored
+
+    def row(method, acc, ipc=1, protocol="dsa/5ep", reference=None, aligned=None, conflicting=None):
+        return {"dataset": "d", "aligned_ratio": 0.95, "severity": 1, "method": method, "ipc": ipc,
+                "guidance": "none", "eval_arch": "convnet", "eval_protocol": protocol, "acc_mean": acc,
+                "acc_aligned": aligned, "acc_conflicting": conflicting, "reference": reference}
+    rows = scored([row("dm", 0.7, aligned=0.9, conflicting=0.6), row("dm", 0.8, ipc=10),
+                   row("dc", 0.65, protocol="none/5ep"),
+                   row("random", 0.5, reference="random_subset"), row("random", 0.6, ipc=10, reference="random_subset"),
+                   row("random", 0.55, protocol="none/5ep", reference="random_subset"),
+                   row("whole", 0.9)])
+    by = {(r["method"], r["ipc"]): r for r in rows}
+    assert ("random", 1) not in by  # the baseline the study added is not a row itself
+    assert by[("dm", 1)]["acc_random"] == 0.5 and by[("dm", 1)]["ior"] == pytest.approx(0.2)
+    assert by[("dm", 10)]["ior"] == pytest.approx(0.2)
+    assert by[("dc", 1)]["acc_random"] == 0.55  # DC's own protocol, not DM's
+    assert by[("dm", 1)]["acc_whole"] == 0.9 and by[("dc", 1)]["acc_whole"] is None
+    assert by[("dm", 1)]["gap"] == pytest.approx(0.3) and by[("dm", 10)]["gap"] is None

@@ -56,8 +56,9 @@ def test_log_iteration_keeps_every_log_every_th_and_the_last():
     syn = SyntheticSet(torch.zeros(1), torch.zeros(1), Normalization([0.0], [1.0]))
     seen = []
     for it in range(cfg.iterations):
-        log_iteration(syn, it, cfg, {"loss": float(it)}, lambda i, r: seen.append(i))
-    assert [r["iteration"] for r in syn.history] == [0, 3, 6] == seen
+        log_iteration(syn, it, cfg, {"loss": float(it)}, lambda i, r, live: seen.append((i, live is syn)))
+    assert [r["iteration"] for r in syn.history] == [0, 3, 6] == [i for i, _ in seen]
+    assert all(live for _, live in seen)  # progress sees the live set
     assert syn.history[1] == {"loss": 3.0, "iteration": 3}
     cfg = DistillConfig(method="dc", ipc=1, iterations=8, lr_img=0.1, log_every=3)
     syn.history.clear()

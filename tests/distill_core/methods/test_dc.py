@@ -116,6 +116,6 @@ def test_gradient_matching_lowers_its_objective(real, method):
 def test_progress_sees_every_logged_iteration(real):
     seen = []
     cfg = config(iterations=5, log_every=2, options={"outer_loop": 1})
-    syn = gradient_matching(real, cfg, progress=lambda it, rec: seen.append((it, rec)))
+    syn = gradient_matching(real, cfg, progress=lambda it, rec, _: seen.append((it, rec)))
     assert [it for it, _ in seen] == [0, 2, 4] == [r["iteration"] for r in syn.history]
     assert all("loss_gm" in rec and "loss_ptm" not in rec for _, rec in seen)
