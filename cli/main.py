@@ -95,7 +95,7 @@ def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), 
 @handles_errors
 def study_submit(
     spec: Path = typer.Argument(..., help="Study spec (YAML)."),
-    json_out: bool = typer.Option(False, "--json", help="End with one JSON line: study id, state, stage counts."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="End with one JSON line: study id, state, stage counts."),
     store: Optional[str] = StoreOpt,
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                help="Override the spec's tracking.uri."),
@@ -103,8 +103,8 @@ def study_submit(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus",
                                            help="CPUs for the local Ray (default: all this process may use)."),
     max_stages: int = MaxStagesOpt,
-    no_wait: bool = typer.Option(False, "--no-wait", help="With a Jobs API address: return once submitted."),
-    events: bool = typer.Option(False, "--events", hidden=True, help="Print every event as a JSON line (jobs)."),
+    no_wait: bool = typer.Option(False, "--no-wait", metavar="", help="With a Jobs API address: return once submitted."),
+    events: bool = typer.Option(False, "--events", metavar="", hidden=True, help="Print every event as a JSON line (jobs)."),
     profile: Optional[str] = ProfileOpt,
 ):
     """Run a study: every stage not already in the store, in parallel on Ray (here, or as a job on a cluster)."""
@@ -130,8 +130,9 @@ def study_submit(
 
 
 def _report(study_id, state, results, errors, summary, attempts, tracking, json_out) -> None:
-    if results:
-        out.print(render.results_table(results, f"results of {study_id}"))
+    if results:  # with --json, stdout holds only the JSON line
+        console = err if json_out else out
+        console.print(render.results_table(results, f"results of {study_id}", console.width, study_id))
     for key, message in errors.items():
         err.print(f"[red]stage {key}:[/red] {escape(message)}", highlight=False)
     c = summary["stages"]
@@ -190,7 +191,7 @@ def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, js
 
 @study_app.command("status")
 @handles_errors
-def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), store: Optional[str] = StoreOpt,
+def study_status(study_id: str, json_out: bool = typer.Option(False, "--json", metavar=""), store: Optional[str] = StoreOpt,
                  address: Optional[str] = AddressOpt):
     """State of a study (running, succeeded, failed, interrupted, cancelled, abandoned) and of its stages."""
     from orchestrator.jobs import Cluster, is_jobs_address
@@ -221,7 +222,8 @@ def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), 
     view = render.ProgressView(out)
     view.study_id, view.stages = rec["study_id"], rec["stages"]
     out.print(f"study {rec['study_id']}: [bold]{rec['state']}[/bold] (submit {summary['attempts']}, "
-              f"tracking {summary['tracking_uri']}, parent run {summary['parent_run_id']})", highlight=False)
+              f"store {escape(str(rec.get('store_root') or ''))}, tracking {summary['tracking_uri']}, "
+              f"parent run {summary['parent_run_id']})", highlight=False)
     if rec["drivers"]:
         d = rec["drivers"][-1]
         out.print(f"last driver: {d.get('host')} pid {d.get('pid')}, {d.get('state')}, "
@@ -234,19 +236,20 @@ def study_status(study_id: str, json_out: bool = typer.Option(False, "--json"), 
 
 @study_app.command("list")
 @handles_errors
-def study_list(json_out: bool = typer.Option(False, "--json"), store: Optional[str] = StoreOpt):
+def study_list(json_out: bool = typer.Option(False, "--json", metavar=""), store: Optional[str] = StoreOpt):
     """All studies in the store."""
     from rich.table import Table
 
     from orchestrator.studies import list_studies
 
-    studies = list_studies(_store(store))
+    st = _store(store)
+    studies = list_studies(st)
     rows = [{"study_id": r["study_id"], "name": r.get("name"), "state": r["state"], **r["counts"]} for r in studies]
     if json_out:
         print(render.json_line(rows))
         return
     cols = ("study_id", "name", "state", "total", "executed", "cached", "reused", "failed", "skipped")
-    table = Table(title="studies")
+    table = Table(title=f"studies in {escape(str(st.root))}")
     for c in cols:
         table.add_column(c)
     for r in rows:
@@ -306,7 +309,7 @@ def study_cancel(study_id: str, store: Optional[str] = StoreOpt, address: Option
 def study_sync(study_id: str, store: Optional[str] = StoreOpt,
                tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                                                           help="Tracking URI (default: the study's, as recorded)."),
-               json_out: bool = typer.Option(False, "--json")):
+               json_out: bool = typer.Option(False, "--json", metavar="")):
     """Log to MLflow every finished stage that has no run yet (after a tracking outage)."""
     from orchestrator.runner import sync_study
 
@@ -338,14 +341,15 @@ def study_results_cmd(study_id: str,
     elif format == "csv":
         sys.stdout.write(render.results_csv(rows))
     else:
-        out.print(render.results_table(rows, f"results of {rec['study_id']} ({rec['state']})"))
+        out.print(render.results_table(rows, f"results of {rec['study_id']} ({rec['state']})", out.width,
+                                       rec["study_id"]))
 
 
 @study_app.command("report")
 @handles_errors
 def study_report(study_id: str, out_dir: Path = typer.Option(Path("report"), "--out", help="Directory to write."),
                  store: Optional[str] = StoreOpt,
-                 no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to MLflow.")):
+                 no_log: bool = typer.Option(False, "--no-log", metavar="", help="Do not log the report to MLflow.")):
     """Markdown and HTML tables as the papers lay them out, with plots; logged to the study's MLflow run."""
     from orchestrator.report import build_report, log_report
     from orchestrator.studies import load_record
@@ -392,7 +396,7 @@ def evaluate_external(
     aligned_ratio: Optional[float] = typer.Option(None, "--aligned-ratio", help="Only this variant (default: all)."),
     severity: Optional[int] = typer.Option(None, "--severity", help="Only this severity (default: all)."),
     profile: Optional[str] = ProfileOpt,
-    json_out: bool = typer.Option(False, "--json", help="End with one JSON line: study id, state, stage counts."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="End with one JSON line: study id, state, stage counts."),
     store: Optional[str] = StoreOpt,
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
@@ -428,7 +432,7 @@ def dataset_build(
     severity: int = typer.Option(1, "--severity"),
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class"),
     data_root: Optional[str] = typer.Option(None, "--data-root"),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", metavar=""),
     store: Optional[str] = StoreOpt,
 ):
     """Build (or reuse) biased dataset variants in the store."""
@@ -468,9 +472,44 @@ def dataset_show(name: str = typer.Argument(..., help="Dataset key (or prefix) o
 
     r = find_dataset(_store(store), name)
     out.print(render.counts_table(r["counts"], f"{r['label']} ({r['key']})"))
-    target = out_png or Path(f"{r['key']}_grid.png")
-    shutil.copyfile(r["grid_path"], target)
-    out.print(f"grid: {target} (one row per class: aligned samples, then conflicting samples)")
+    if out_png is not None:  # a file only when asked for
+        shutil.copyfile(r["grid_path"], out_png)
+        out.print(f"grid: {out_png} (one row per class: aligned samples, then conflicting samples)")
+    else:
+        out.print(f"sample grid: {r['grid_path']} (--png FILE copies it)")
+
+
+# --- what a spec can name --------------------------------------------------------------------------
+
+@app.command("list")
+@handles_errors
+def list_registry(kind: str = typer.Argument(..., help="methods | architectures | sources"),
+                  json_out: bool = typer.Option(False, "--json", metavar="", help="One JSON line instead of a table.")):
+    """The registered methods (defaults, options), architectures (overrides) or data sources."""
+    from orchestrator.catalogue import KINDS, catalogue
+    from orchestrator.spec_errors import suggest
+
+    if kind not in KINDS:
+        raise UserError(f"list: unknown kind '{kind}'{suggest(kind, KINDS)}")
+    entries = catalogue(kind)
+    if json_out:
+        print(render.json_line(entries))
+    else:
+        out.print(render.catalogue_table(kind, entries))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from orchestrator.catalogue import version
+
+        print(f"ddray {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """ddray: dataset-distillation studies on Ray, tracked in MLflow."""
 
 
 # --- ui ------------------------------------------------------------------------------------------------
@@ -490,9 +529,31 @@ def ui(study_id: Optional[str] = typer.Argument(None, help="Open this study's tr
     uri = uri or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"tracking uri '{uri}': no such database (run a study first)")
+    import signal
+    import socket
+
+    with socket.socket() as probe:  # a busy port is the user's to resolve, not a server that dies at once
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise UserError(f"--port: 127.0.0.1:{port} is in use (choose another with --port)") from None
     err.print(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd))
+    server = subprocess.Popen(cmd, start_new_session=True)  # its own group: stopping it stops its workers
+
+    def stop(signum, frame):
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    code = server.wait()
+    try:  # whatever is left of its group (uvicorn workers) goes with it
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM) else code)
 
 
 if __name__ == "__main__":

@@ -158,13 +158,53 @@ def result_columns(rows: list[dict]) -> list[str]:
     return cols
 
 
-def results_table(rows: list[dict], title: str) -> Table:
+WIDE = 160  # below this many columns the results table is the compact one
+
+
+def results_table(rows: list[dict], title: str, width: int | None = None, study_id: str = "ID") -> Table:
+    """Every column on a wide console; on a narrow one (80, 120 columns) the setting, accuracy as mean ± std
+    and its improvement over the random subset, with a caption naming the command for the full table."""
+    if width is not None and width < WIDE:
+        return compact_results_table(rows, title, width, study_id)
     table = Table(title=title)
     cols = result_columns(rows)
     for c in cols:
         table.add_column(c, justify="right" if c.startswith(("acc", "n_", "ipc", "aligned", "sev", "it", "lr")) else "left")
     for r in sorted(rows, key=lambda r: tuple(str(r.get(c)) for c in cols[:8])):
         table.add_row(*[fmt(r.get(c)) for c in cols])
+    return table
+
+
+def _variant(r: dict) -> str:
+    if r.get("aligned_ratio") is None:
+        return str(r["dataset"])
+    return f"{r['dataset']}[p={r['aligned_ratio']:g},s={r['severity']}]"
+
+
+def compact_results_table(rows: list[dict], title: str, width: int, study_id: str) -> Table:
+    varying = {k for k in ("guidance", "eval_arch", "iterations", "lr_img", "options")
+               if len({json.dumps(r.get(k), default=str) for r in rows}) > 1}
+    table = Table(title=title, caption=f"full table: ddray study results {study_id} --format csv", expand=False)
+    cols = ["variant", "method", "ipc", *[k for k in ("guidance", "eval_arch") if k in varying], "acc %", "ior"]
+    for c in cols:
+        table.add_column(c, justify="right" if c in ("ipc", "acc %", "ior") else "left", overflow="fold")
+    for r in sorted(rows, key=lambda r: (_variant(r), str(r["method"]), str(r["ipc"]), str(r.get("guidance")))):
+        extra = "".join(f" {k}={fmt(r.get(k))}" for k in ("iterations", "lr_img", "options") if k in varying)
+        acc = f"{r['acc_mean'] * 100:.1f}±{(r.get('acc_std') or 0) * 100:.1f}" if r.get("acc_mean") is not None else "-"
+        ior = f"{r['ior'] * 100:+.1f}" if r.get("ior") is not None else "-"
+        cells = {"variant": _variant(r), "method": f"{r['method']}{extra}", "ipc": fmt(r["ipc"]),
+                 "guidance": fmt(r.get("guidance")), "eval_arch": fmt(r.get("eval_arch")), "acc %": acc, "ior": ior}
+        table.add_row(*[escape(cells[c]) for c in cols])  # variant labels hold brackets, not markup
+    return table
+
+
+def catalogue_table(kind: str, entries: list[dict]) -> Table:
+    table = Table(title=kind)
+    for c in entries[0]:
+        table.add_column(c)
+    for e in entries:
+        table.add_row(*[", ".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict)
+                        else ", ".join(map(str, x)) if isinstance(x, list) else fmt(x) for x in e.values()])
     return table
 
 

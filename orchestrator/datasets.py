@@ -10,6 +10,7 @@ from distill_core.data import DatasetUnavailable
 from orchestrator.errors import UserError
 from orchestrator.graph import dataset_stage
 from orchestrator.spec import DatasetSpec
+from orchestrator.spec_errors import suggest
 from orchestrator.stages import execute_stage
 from orchestrator.store import ArtifactStore
 
@@ -52,16 +53,22 @@ def build_variants(ds: DatasetSpec, store: ArtifactStore, cpus: float = 1.0) -> 
 
 
 def find_dataset(store: ArtifactStore, name: str) -> dict:
-    """A stored dataset variant by key (or key prefix) or by label, e.g. `digits[p=0.95,s=1]`."""
-    found = []
+    """A stored dataset variant by key (or key prefix), by label (`cdigits[p=0.95,s=1]`) or by source and
+    parameters (`digits[p=0.95,s=1]`, whatever a study named it)."""
+    found, labels = [], []
     for key in store.stage_keys("dataset"):
         result = store.read_json("dataset", key, "result.json")
-        if key.startswith(name) or key.removeprefix("dataset-").startswith(name) or result["label"] == name:
+        coords = result.get("coords", {})
+        by_source = coords.get("source", "") + result["label"][len(coords.get("dataset", "")):]
+        labels += [result["label"], by_source]
+        if key.startswith(name) or key.removeprefix("dataset-").startswith(name) or name in (result["label"], by_source):
             found.append(result)
     if not found:
-        raise UserError(f"dataset '{name}' not found in store '{store.root}' (build it with `ddray dataset build`)")
+        hint = suggest(name, set(labels)) if labels else " (the store has no datasets yet)"
+        raise UserError(f"dataset '{name}' not found in store '{store.root}'{hint}; "
+                        "build one with `ddray dataset build --source NAME --aligned-ratio P --severity S`")
     if len(found) > 1:
-        raise UserError(f"dataset '{name}' is ambiguous: {', '.join(r['key'] for r in found)}")
+        raise UserError(f"dataset '{name}' is ambiguous: " + ", ".join(f"{r['label']} ({r['key']})" for r in found))
     result = found[0]
     result["counts"] = store.read_json("dataset", result["key"], "counts.json")
     result["grid_path"] = str(store.path("dataset", result["key"], "dataset_grid.png"))

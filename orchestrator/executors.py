@@ -286,7 +286,7 @@ def available_cpus() -> int:
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
-    from orchestrator.errors import UserError
+    from orchestrator.errors import UserError, first_line
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
@@ -299,5 +299,5 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
                      logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a local Ray"
-        raise UserError(f"ray: cannot connect to cluster '{where}' ({str(exc).splitlines()[0][:160]})") from None
+        raise UserError(f"ray: cannot connect to cluster '{where}' ({first_line(exc)})") from None
     logging.getLogger("ray").setLevel(logging.WARNING)  # quiet start-up, then Ray's warnings reach the user

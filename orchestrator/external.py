@@ -17,7 +17,7 @@ from pydantic import Field
 
 from distill_core.config import Config
 from distill_core.methods import METHODS
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 from orchestrator.spec_errors import suggest
 from orchestrator.store import sha256_file
 
@@ -40,7 +40,7 @@ def ipc_of(path: Path) -> int:
         labels = torch.as_tensor(tensors["labels"]).long().flatten()
     except Exception as exc:
         raise UserError(f"--synthetic: cannot read '{path}' as a torch file of tensors with labels "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+                        f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     if not len(labels):
         raise UserError(f"--synthetic: '{path}' holds no labels")
     return int(torch.bincount(labels).max())

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 
 EVENT_PREFIX = "ddray-event "
 ACTIVE = ("PENDING", "RUNNING")
@@ -75,7 +75,7 @@ class Cluster:
             raise UserError(f"ray: the cluster at {self.address} requires authentication and {reason}: set "
                             "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) to its token") from None
         except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
-            raise UserError(f"ray: cannot use the Jobs API at {self.address} ({str(exc).splitlines()[0][:160]})") from None
+            raise UserError(f"ray: cannot use the Jobs API at {self.address} ({first_line(exc)})") from None
         if version and version != ray.__version__:
             raise UserError(f"ray: the cluster at {self.address} runs Ray {version}; this ddray uses Ray "
                             f"{ray.__version__} (the versions must match)")
@@ -136,7 +136,7 @@ class Cluster:
                                        entrypoint_num_cpus=0)
             except RuntimeError as exc:
                 if "already exists" not in str(exc):
-                    raise UserError(f"ray: the cluster refused the job ({str(exc).splitlines()[0][:160]})") from None
+                    raise UserError(f"ray: the cluster refused the job ({first_line(exc)})") from None
                 return submission_id, True  # another submit won the race: follow its job
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -45,6 +45,7 @@ from distill_core.evaluation import proxy_accuracy
 from distill_core.methods import RealData, SyntheticSet, get_method
 from distill_core.runtime import Runtime
 from distill_core.utils import set_threads
+from orchestrator.errors import first_line
 from orchestrator.graph import Stage
 from orchestrator.object_store import ObjectStore, open_store
 from orchestrator.search_space import (METRIC, SearchConfig, max_iterations, progress_path, trial_config, trial_count,
@@ -217,7 +218,7 @@ def summarise_trials(grid, cfg: SearchConfig) -> list[dict]:
                     "config": config, "curve": curve, "iterations": done, "budget": budget,
                     METRIC: curve[-1][METRIC] if curve else None, "complete": result.error is None and done >= budget,
                     "stopped_early": result.error is None and 0 < done < budget,
-                    "error": str(result.error).splitlines()[0][:300] if result.error else None,
+                    "error": first_line(result.error, 300) if result.error else None,
                     "_checkpoint": result.checkpoint})
     return out
 

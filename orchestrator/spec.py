@@ -361,6 +361,9 @@ def read_spec(path: str | Path, profile: str | None = None) -> tuple[StudySpec, 
 
 
 def profiles_of(path: str | Path) -> list[str]:
+    """The names of a spec file's profiles (none for a file that is missing: loading it says so)."""
+    if not Path(path).is_file():
+        return []
     data = load_yaml(Path(path).read_text(), str(path))
     return sorted((data or {}).get("profiles") or {}) if isinstance(data, dict) else []
 

@@ -190,7 +190,7 @@ def _resolve(store: ArtifactStore, study_id: str) -> Path:
         return root / matches[0]
     if len(matches) > 1:
         raise UserError(f"study id '{study_id}' is ambiguous: {', '.join(matches)}")
-    hint = suggest(study_id, ids) if ids else " (the store holds no studies)"
+    hint = suggest(study_id, {*ids, *(i.rsplit("-", 1)[0] for i in ids)}) if ids else " (the store holds no studies)"
     raise UserError(f"study '{study_id}' not found in store '{store.root}'{hint}")
 
 

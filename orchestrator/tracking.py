@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM = 500  # MLflow caps param values (6000 chars); long lists are summarised in artifacts
@@ -105,7 +105,7 @@ def short_http_timeouts(seconds: int = 10):
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
+    return first_line(text[0]) if text else type(exc).__name__
 
 
 @contextmanager

@@ -119,7 +119,17 @@ def test_the_actor_path_and_the_task_path_produce_identical_stages(two_nodes, tm
     assert manifests["tasks"] == manifests["actors"] and len(manifests["tasks"]) == TOTAL
 
 
-def test_a_study_on_an_s3_store_completes_and_its_resubmit_is_fully_cached(tmp_path):
+@pytest.fixture
+def own_ray():
+    """The local Ray `submit_study` starts in this process, shut down after the test."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def test_a_study_on_an_s3_store_completes_and_its_resubmit_is_fully_cached(tmp_path, own_ray):
     from orchestrator.runner import submit_study
     from orchestrator.spec import parse_spec
 

@@ -32,6 +32,7 @@ evaluation:
 @pytest.fixture(scope="session")
 def ray_session():
     ray = pytest.importorskip("ray")
+    ray.shutdown()  # a Ray an earlier test left connected in this process is not this session's
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -31,17 +31,17 @@ def write_spec(tmp_path, mutate):
 def test_help_lists_every_command():
     r = ddray("--help")
     assert r.returncode == 0
-    for cmd in ("study", "dataset", "ui"):
+    for cmd in ("study", "dataset", "ui", "evaluate", "list"):
         assert cmd in r.stdout
     r = ddray("study", "--help")
-    for cmd in ("validate", "submit", "status", "list", "results"):
+    for cmd in ("validate", "submit", "status", "list", "results", "report", "compare", "logs"):
         assert cmd in r.stdout
 
 
 def test_validate_quickstart():
     r = ddray("study", "validate", QUICKSTART)
     assert r.returncode == 0, r.stderr
-    assert "valid" in r.stdout and "evaluate 16" in r.stdout
+    assert "valid" in r.stdout and "distill 12" in r.stdout and "evaluate 24" in r.stdout  # + the random subsets
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -95,6 +95,23 @@ def test_dataset_build_json_and_cache(tmp_path):
     shown = ddray("dataset", "show", out["key"], "--png", tmp_path / "grid.png", "--store", tmp_path / "store")
     assert shown.returncode == 0, shown.stderr
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    # by source and parameters, whatever the study named it; a file only when asked for
+    by_source = ddray("dataset", "show", "digits[p=0.8,s=2]", "--store", tmp_path / "store", cwd=tmp_path)
+    assert by_source.returncode == 0 and out["key"] in by_source.stdout, by_source.stderr
+    assert not list(tmp_path.glob("*_grid.png"))
+    typo = ddray("dataset", "show", "digit[p=0.8,s=2]", "--store", tmp_path / "store")
+    assert typo.returncode == 2 and "(did you mean 'digits[p=0.8,s=2]'?)" in typo.stderr
+
+
+def test_version_and_what_a_spec_can_name():
+    assert ddray("--version").stdout.startswith("ddray ")
+    methods = json.loads(ddray("list", "methods", "--json").stdout)
+    assert {"dc", "dsa", "dm", "mtt", "random", "whole"} <= {m["name"] for m in methods}
+    assert next(m for m in methods if m["name"] == "mtt")["options"]["syn_steps"] == "30"
+    archs = json.loads(ddray("list", "architectures", "--json").stdout)
+    assert "width" in next(a for a in archs if a["name"] == "convnet")["options"]
+    bad = ddray("list", "archs")
+    assert bad.returncode == 2 and "did you mean" in bad.stderr or "known:" in bad.stderr
 
 
 def test_dataset_build_bad_flag_exits_2(tmp_path):
@@ -148,9 +165,19 @@ def test_ui_serves_mlflow_on_localhost(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert body is not None and "probe" in body
+        busy = ddray("ui", "--tracking-uri", f"sqlite:///{db}", "--port", port, cwd=tmp_path)
+        assert busy.returncode == 2 and busy.stderr.strip() == f"error: --port: 127.0.0.1:{port} is in use " \
+                                                              "(choose another with --port)"
+        proc.send_signal(15)  # SIGTERM to ddray alone: it stops the server it started, workers included
+        assert proc.wait(timeout=60) == 0
+        time.sleep(1)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nothing is left serving on the port
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
 
 
 def test_ui_without_database_exits_2(tmp_path):
