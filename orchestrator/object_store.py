@@ -319,14 +319,7 @@ class _Objects:
     def replace(self, path: str, data: bytes, etag: str) -> bool:
         """Overwrite the object only if it is still version `etag`."""
         done = self._s3_if_match_call("put_object", path, etag, Body=data)
-        if done is not None:
-            return done
-        with self._cas_lock(path):
-            got = self.get(path)
-            if got is None or got[1] != etag:
-                return False
-            self.put(path, data)
-            return True
+        return done if done is not None else self._if_version(path, etag, lambda: self.put(path, data))
 
     def delete(self, path: str, etag: str | None = None) -> bool:
         """Delete the object (only if it is still version `etag`, when given); True if this call deleted it."""
@@ -334,13 +327,16 @@ class _Objects:
             self.rm(path)
             return True
         done = self._s3_if_match_call("delete_object", path, etag)
-        if done is not None:
-            return done
+        return done if done is not None else self._if_version(path, etag, lambda: self.rm(path))
+
+    def _if_version(self, path: str, etag: str, action) -> bool:
+        """The compare-and-swap where the server has no conditional request: `action` under the local lock,
+        only if the object is still version `etag` (atomic on one machine; see the module notes)."""
         with self._cas_lock(path):
             got = self.get(path)
             if got is None or got[1] != etag:
                 return False
-            self.rm(path)
+            action()
             return True
 
     @contextlib.contextmanager
