@@ -124,11 +124,16 @@ class RayExecutor:
         return len(self.refs)
 
     def cancel(self, key: str | None = None) -> None:
-        for ref, k in list(self.refs.items()):
-            if key is None or k == key:
-                self.ray.cancel(ref, force=True)
         if key is None:
+            # Everything (Ctrl-C, SIGTERM, `study cancel`): end this driver's Ray job, which stops every task it
+            # started. Force-cancelling each running task instead races its completion inside Ray core and can
+            # abort the driver (seen in CI; ray-project/ray#54260, #54738).
             self.refs.clear()
+            self.ray.shutdown()
+            return
+        for ref, k in list(self.refs.items()):
+            if k == key:  # one stage past its timeout
+                self.ray.cancel(ref, force=True)
 
     def why_pending(self, resources: StageResources) -> str:
         import ray
