@@ -29,6 +29,7 @@ from typing import Callable
 
 from orchestrator.errors import UserError, first_line
 
+AGENT_WAIT_S = 60.0  # how long a submit waits for a freshly started head's job agent
 EVENT_PREFIX = "ddray-event "
 ACTIVE = ("PENDING", "RUNNING")
 POLL_S = 1.0
@@ -129,15 +130,22 @@ class Cluster:
                 shutil.copytree(source, workdir / package, ignore=shutil.ignore_patterns("__pycache__"))
             entrypoint = " ".join(["python", "-m", "cli.main", "study", "submit", "spec.yaml", "--json", "--events",
                                    *map(_quote, args)])
-            try:
-                self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                       runtime_env={"working_dir": str(workdir)},
-                                       metadata={"ddray_study_id": study_id, "ddray_study_name": name},
-                                       entrypoint_num_cpus=0)
-            except RuntimeError as exc:
-                if "already exists" not in str(exc):
+            deadline = time.time() + AGENT_WAIT_S
+            while True:
+                try:
+                    self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                           runtime_env={"working_dir": str(workdir)},
+                                           metadata={"ddray_study_id": study_id, "ddray_study_name": name},
+                                           entrypoint_num_cpus=0)
+                    break
+                except RuntimeError as exc:
+                    if "already exists" in str(exc):
+                        return submission_id, True  # another submit won the race: follow its job
+                    # a head that has just started has no job agent yet: Ray answers "try again later"
+                    if "No available agent" in str(exc) and time.time() < deadline:
+                        time.sleep(2.0)
+                        continue
                     raise UserError(f"ray: the cluster refused the job ({first_line(exc)})") from None
-                return submission_id, True  # another submit won the race: follow its job
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return submission_id, False
