@@ -19,6 +19,7 @@ from orchestrator import object_store as objmod
 from orchestrator.leases import Leases, Owner
 from orchestrator.object_store import ObjectLeases, ObjectStore, default_cache_dir, open_leases, open_store
 from orchestrator.store import HOST, ArtifactStore, CorruptArtifact, tensors_to_bytes
+from tests.orchestrator.test_leases import race
 from tests.servers import moto_s3
 
 DEAD_PID = 2**22 + 4321  # above pid_max: never a live process
@@ -515,19 +516,7 @@ def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(lease_ur
         name = f"k{round_}"
         files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID, "expires": 4e9}, name=f"{name}.json")
         takers = [ObjectLeases(lease_url, Owner(f"d{round_}-{i}", HOST, os.getpid())) for i in range(8)]
-        barrier = threading.Barrier(len(takers))
-        won = []
-
-        def take(leases):
-            barrier.wait()
-            if leases.acquire(name):
-                won.append(leases.owner.driver)
-
-        threads = [threading.Thread(target=take, args=(t,)) for t in takers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won = race(takers, name)
         assert len(won) == 1
         assert files.read(f"{name}.json")["driver"] == won[0]
         assert not files.exists(f"{name}.json.break")
@@ -535,16 +524,5 @@ def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(lease_ur
 
 def test_concurrent_acquirers_of_a_free_lease_end_with_exactly_one_holder(lease_url, tmp_path):
     takers = [ObjectLeases(lease_url, Owner(f"d{i}", HOST, os.getpid())) for i in range(8)]
-    barrier, won = threading.Barrier(len(takers)), []
-
-    def take(leases):
-        barrier.wait()
-        if leases.acquire("free"):
-            won.append(leases.owner.driver)
-
-    threads = [threading.Thread(target=take, args=(t,)) for t in takers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won = race(takers, "free")
     assert len(won) == 1 and LeaseFiles(lease_url, tmp_path).read("free.json")["driver"] == won[0]
