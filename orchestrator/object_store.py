@@ -70,10 +70,8 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -81,7 +79,7 @@ from urllib.parse import urlsplit
 import fsspec
 import fsspec.asyn
 
-from orchestrator.leases import BREAKER_STALE_S, DEFAULT_TTL_S, Leases, Owner, lease_stale
+from orchestrator.leases import BREAKER_STALE_S, DEFAULT_TTL_S, LeaseBook, Leases, Owner
 from orchestrator.store import (HOST, MANIFEST, STALE_TEMP_S, ArtifactStore, CorruptArtifact, StoreReads, pid_alive,
                                 sha256_file)
 
@@ -780,19 +778,17 @@ def _size(path: Path) -> int:
 # --- leases -----------------------------------------------------------------------------------------
 
 
-class ObjectLeases:
-    """`Leases` over an object store: conditional create, takeover under a breaker by compare-and-swap."""
+class ObjectLeases(LeaseBook):
+    """Leases on an object store: conditional create, takeover under a breaker by compare-and-swap."""
 
     def __init__(self, store_url: str | ObjectStore, owner: Owner, ttl: float = DEFAULT_TTL_S):
+        super().__init__(owner, ttl)
         if isinstance(store_url, ObjectStore):
             fs, base = store_url.fs, store_url.base
         else:
             fs, base = _open_fs(str(store_url))
         self.objects = _Objects(fs)
         self.dir = base.rstrip("/") + "/leases"
-        self.owner, self.ttl = owner, ttl
-        self.held: set[str] = set()
-        self._lock = threading.Lock()  # the heartbeat thread renews while the scheduler acquires
 
     def _path(self, name: str) -> str:
         return f"{self.dir}/{name}.json"
@@ -811,29 +807,12 @@ class ObjectLeases:
     def holder(self, name: str) -> dict | None:
         return self._read(self._path(name))[0]
 
-    def _body(self) -> bytes:
-        return json.dumps({**asdict(self.owner), "expires": time.time() + self.ttl,
-                           "token": uuid.uuid4().hex}).encode()  # the token makes every version's bytes unique
+    def _create(self, name: str) -> bool:
+        return self.objects.create(self._path(name), self._body()) is not None
 
-    def stale(self, info: dict | None) -> bool:
-        return lease_stale(info, self.owner)
-
-    def acquire(self, name: str) -> bool:
-        """Take the lease if it is free or stale; True when this driver holds it."""
-        with self._lock:
-            if name in self.held:
-                return True
-            path = self._path(name)
-            if self.objects.create(path, self._body()) is not None:
-                self.held.add(name)
-                return True
-            if not self.stale(self.holder(name)) or not self._break(path):
-                return False
-            self.held.add(name)
-            return True
-
-    def _break(self, path: str) -> bool:
+    def _take_over(self, name: str) -> bool:
         """Replace a stale lease, under the breaker object; False if someone else is breaking or won it."""
+        path = self._path(name)
         breaker = path + ".break"
         mine = self.objects.create(breaker, json.dumps(
             {"driver": self.owner.driver, "t": time.time(), "token": uuid.uuid4().hex}).encode())
@@ -852,30 +831,18 @@ class ObjectLeases:
             if not self.stale(info):
                 return False
             if etag is None:
-                return self.objects.create(path, self._body()) is not None  # released meanwhile
+                return self._create(name)  # released meanwhile
             return self.objects.replace(path, self._body(), etag)  # only the version judged stale
         finally:
             self.objects.delete(breaker, mine)
 
-    def renew(self) -> None:
-        """Push every held lease's expiry forward (the driver's heartbeat calls this)."""
-        with self._lock:
-            for name in list(self.held):
-                path = self._path(name)
-                info, etag = self._read(path)
-                if info is None or info.get("driver") != self.owner.driver or \
-                        not self.objects.replace(path, self._body(), etag):
-                    self.held.discard(name)  # taken over after we looked dead: no longer ours
+    def _renew(self, name: str) -> bool:
+        path = self._path(name)
+        info, etag = self._read(path)
+        return self.mine(info) and self.objects.replace(path, self._body(), etag)
 
-    def release(self, name: str) -> None:
-        with self._lock:
-            if name in self.held:
-                self.held.discard(name)
-                path = self._path(name)
-                info, etag = self._read(path)
-                if info is not None and info.get("driver") == self.owner.driver:
-                    self.objects.delete(path, etag)
-
-    def release_all(self) -> None:
-        for name in list(self.held):
-            self.release(name)
+    def _delete_mine(self, name: str) -> None:
+        path = self._path(name)
+        info, etag = self._read(path)
+        if self.mine(info):
+            self.objects.delete(path, etag)
