@@ -112,7 +112,8 @@ def study_submit(
     from orchestrator.runner import submit_study
     from orchestrator.spec import read_spec
 
-    s, text = read_spec(spec, profile)
+    # a cluster's driver cannot use the laptop's directories: relative paths stay as written, and are refused
+    s, text = read_spec(spec, profile, anchored=not is_jobs_address(address))
     if is_jobs_address(address):
         return _submit_job(s, spec, address, store, tracking_uri, max_stages, json_out, no_wait, profile)
     view = render.ProgressView(err)
@@ -247,6 +248,9 @@ def study_list(json_out: bool = typer.Option(False, "--json", metavar=""), store
     rows = [{"study_id": r["study_id"], "name": r.get("name"), "state": r["state"], **r["counts"]} for r in studies]
     if json_out:
         print(render.json_line(rows))
+        return
+    if not rows:  # say where it looked: from another directory, the default store is another store
+        err.print(f"no studies in store {escape(str(st.root))} (--store names another)", highlight=False)
         return
     cols = ("study_id", "name", "state", "total", "executed", "cached", "reused", "failed", "skipped")
     table = Table(title=f"studies in {escape(str(st.root))}")

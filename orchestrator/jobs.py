@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.errors import UserError, first_line
+from orchestrator.paths import is_relative_sqlite
 
 AGENT_WAIT_S = 60.0  # how long a submit waits for a freshly started head's job agent
 EVENT_PREFIX = "ddray-event "
@@ -210,6 +211,6 @@ def check_cluster_paths(store_root: str, tracking_uri: str) -> None:
     if "://" not in store_root and not Path(store_root).is_absolute():
         raise UserError(f"store.root: '{store_root}' is relative; a study on a cluster needs a path every node "
                         "mounts (e.g. /store) or an object store URL (--store s3://bucket/prefix)")
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+    if is_relative_sqlite(tracking_uri):
         raise UserError(f"tracking.uri: '{tracking_uri}' is a relative SQLite path; a study on a cluster needs "
                         "an absolute path on its shared storage or a tracking server (--tracking-uri http://...)")

@@ -18,6 +18,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import yaml
@@ -31,6 +32,7 @@ from orchestrator.leases import Leases, Owner
 from orchestrator.scheduler import STOP, Scheduler, Terminated
 from orchestrator.spec import StudySpec
 from orchestrator.object_store import open_leases, open_store
+from orchestrator.paths import absolute_sqlite
 from orchestrator.store import ArtifactStore
 from orchestrator.studies import HEARTBEAT_S, StudyLog, load_record, study_results
 from orchestrator.tracking import Tracker, check_uri, redact
@@ -206,7 +208,7 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
     emit = on_event or (lambda event: None)
     store = open_store(store_root or spec.store.root)
     graph = graph or build_stage_graph(spec, max_stages)
-    uri = tracking_uri or spec.tracking.uri
+    uri = absolute_sqlite(tracking_uri or spec.tracking.uri, Path.cwd())  # recorded absolute: reached from anywhere
     check_uri(uri)
 
     # --- preflight: nothing is written before these pass -----------------------------------------
@@ -292,7 +294,7 @@ def sync_study(store: ArtifactStore, study_id: str, tracking_uri: str | None = N
     """Log every finished stage of a study that has no FINISHED run, and finish the parent run."""
     record = load_record(store, study_id)
     study_id = record["study_id"]
-    uri = tracking_uri or record["tracking_uri"]
+    uri = absolute_sqlite(tracking_uri, Path.cwd()) if tracking_uri else record["tracking_uri"]
     tracker = Tracker(uri, record["experiment"])
     tracker.check()
     owner = Owner.here()

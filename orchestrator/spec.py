@@ -28,6 +28,7 @@ from distill_core.methods import METHODS
 from distill_core.networks import ARCHITECTURES
 from distill_core.runtime import Runtime
 from orchestrator.errors import UserError
+from orchestrator.paths import anchor_spec_paths
 from orchestrator.spec_base import Strict, as_list
 from orchestrator.spec_errors import Problem, problems_from, suggest
 from orchestrator.spec_search import SearchSpec
@@ -258,8 +259,10 @@ class StudySpec(Strict):
     runtime: RuntimeSpec = RuntimeSpec()
 
     def spec_hash(self) -> str:
-        """Hash of what the study computes (resources, runtime, tracking and store excluded)."""
-        science = self.model_dump(mode="json", exclude={"resources", "runtime", "tracking", "store"})
+        """Hash of what the study computes: not how or where (resources, runtime, tracking, store,
+        and where a dataset's raw files are read from)."""
+        science = self.model_dump(mode="json", exclude={"resources": True, "runtime": True, "tracking": True,
+                                                        "store": True, "datasets": {"__all__": {"data_root"}}})
         return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -334,12 +337,15 @@ def load_spec(path: str | Path, profile: str | None = None) -> StudySpec:
     return read_spec(path, profile)[0]
 
 
-def read_spec(path: str | Path, profile: str | None = None) -> tuple[StudySpec, str]:
+def read_spec(path: str | Path, profile: str | None = None, anchored: bool = True) -> tuple[StudySpec, str]:
     """The spec in a file, with a profile's overlay applied, and the YAML text of what runs.
 
     A spec may carry `profiles: {NAME: overlay}`: each overlay is merged into the
     spec (mappings key by key, anything else replaced) when `--profile NAME` is
     given, e.g. a `smoke` profile shrinking a paper study to minutes on a CPU.
+    Relative paths written in the spec resolve against the file's directory
+    (`orchestrator.paths`); `anchored=False` keeps them as written (a cluster
+    submission refuses them, since the laptop's directories mean nothing there).
     """
     p = Path(path)
     if not p.is_file():
@@ -351,13 +357,16 @@ def read_spec(path: str | Path, profile: str | None = None) -> tuple[StudySpec, 
     profiles = data.pop("profiles", None) or {}
     if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
         raise UserError("profiles: expected a mapping of profile names to spec overlays")
+    def parsed(d: dict) -> StudySpec:
+        return parse_spec(anchor_spec_paths(d, p.absolute().parent) if anchored else d)
+
     if profile is None:
-        return parse_spec(data), text
+        return parsed(data), text
     if profile not in profiles:
         known = f" (known: {', '.join(sorted(profiles))})" if profiles else " (it has no profiles)"
         raise UserError(f"--profile: '{profile}' is not a profile of {p}{known}")
     merged = overlay(data, profiles[profile])
-    return parse_spec(merged), f"# {p.name} with profile {profile}\n" + yaml.safe_dump(merged, sort_keys=False)
+    return parsed(merged), f"# {p.name} with profile {profile}\n" + yaml.safe_dump(merged, sort_keys=False)
 
 
 def profiles_of(path: str | Path) -> list[str]:

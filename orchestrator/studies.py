@@ -231,9 +231,12 @@ def transitions(study_dir: Path, record: dict, tail: int) -> list[dict]:
 
 
 def request_cancel(store: ArtifactStore, study_id: str) -> dict:
+    """Ask the study's driver to stop (a study that is not running is left as it is)."""
     path = _resolve(store, study_id)
-    (path / "cancel").write_text(str(time.time()))
-    return load_record(store, path.name)
+    record = load_record(store, path.name)
+    if record["state"] == "running":
+        (path / "cancel").write_text(str(time.time()))
+    return record
 
 
 def study_results(store: ArtifactStore, record: dict) -> list[dict]:

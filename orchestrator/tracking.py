@@ -34,10 +34,10 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from orchestrator.errors import UserError, first_line
+from orchestrator.paths import sqlite_file
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM = 500  # MLflow caps param values (6000 chars); long lists are summarised in artifacts
@@ -112,12 +112,12 @@ def _reason(exc: BaseException) -> str:
 def sqlite_creation_lock(uri: str):
     """Serialise the first use of a SQLite tracking DB: MLflow creates its tables then, and two
     processes creating them at once fail ("table ... already exists", alembic version races)."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is None:
         yield
         return
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):]).expanduser()
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".ddray-lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -150,6 +150,13 @@ class Tracker:
                 message = redact_text(_reason(exc), self.uri)
                 raise UserError(f"tracking.uri: cannot reach the tracking server '{self.safe_uri}' ({message})") from None
 
+    def artifact_location(self) -> str | None:
+        """Beside a SQLite DB, `mlartifacts/` (MLflow's default is the working directory's `mlruns/`,
+        which would scatter one study's artifacts over every directory it was run from);
+        a server's own default otherwise."""
+        db = sqlite_file(self.uri)
+        return None if db is None else str(db.absolute().parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9._-]+", "-", self.experiment_name))
+
     def ensure_experiment(self) -> str:
         """Create the experiment once, here on the driver (parallel creation races on SQLite)."""
         with sqlite_creation_lock(self.uri):
@@ -159,7 +166,8 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is None:
             try:
-                self.experiment_id = self.client.create_experiment(self.experiment_name)
+                self.experiment_id = self.client.create_experiment(self.experiment_name,
+                                                                   artifact_location=self.artifact_location())
             except Exception:
                 exp = self.client.get_experiment_by_name(self.experiment_name)
                 if exp is None:

@@ -1,4 +1,5 @@
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,27 @@ def test_alias_bomb_is_bounded(tmp_path):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(UserError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_in_a_spec_file_resolve_against_its_directory(tmp_path, monkeypatch):
+    data = copy.deepcopy(BASE)
+    data["store"] = {"root": "../store"}
+    data["tracking"] = {"uri": "sqlite:///runs/mlflow.db"}
+    data["datasets"][0]["data_root"] = "raw"
+    data["profiles"] = {"smoke": {"store": {"root": "smoke-store"}}}
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for where in (path, os.path.relpath(path)):  # however the file is named, from another directory
+        spec = load_spec(where)
+        assert spec.store.root == str(tmp_path / "store")
+        assert spec.tracking.uri == f"sqlite:///{tmp_path}/configs/runs/mlflow.db"
+        assert spec.datasets[0].data_root == str(tmp_path / "configs" / "raw")
+    assert load_spec(path, "smoke").store.root == str(tmp_path / "configs" / "smoke-store")
+    as_written, _ = read_spec(path, anchored=False)  # a cluster submission checks what was written
+    assert as_written.store.root == "../store" and as_written.tracking.uri == "sqlite:///runs/mlflow.db"
+    # where the raw data is read from is not what the study computes: the same study from anywhere
+    assert as_written.study_id == spec.study_id == parse_spec(BASE).study_id

@@ -9,7 +9,7 @@ from orchestrator.errors import UserError
 from orchestrator.stages import summarise
 from orchestrator.store import ArtifactStore
 from orchestrator.leases import Owner
-from orchestrator.studies import StudyLog, list_studies, load_record, study_results
+from orchestrator.studies import StudyLog, list_studies, load_record, request_cancel, study_results
 
 
 def stored_evaluation(store, key, seed, accs, method="dm"):
@@ -123,3 +123,13 @@ def test_rows_are_scored_against_the_random_subset_evaluated_the_same_way(tmp_pa
     assert by[("dc", 1)]["acc_random"] == 0.55  # DC's own protocol, not DM's
     assert by[("dm", 1)]["acc_whole"] == 0.9 and by[("dc", 1)]["acc_whole"] is None
     assert by[("dm", 1)]["gap"] == pytest.approx(0.3) and by[("dm", 10)]["gap"] is None
+
+
+def test_cancel_reaches_a_running_study_and_leaves_a_finished_one_alone(tmp_path):
+    store = ArtifactStore(tmp_path)
+    running = started(store, "alpha-12345678")
+    assert request_cancel(store, "alpha")["state"] == "running" and running.cancel_requested()
+    running.finish("cancelled")
+    started(store, "beta-12345678").finish("succeeded")
+    assert request_cancel(store, "beta")["state"] == "succeeded"
+    assert not (store.study_dir("beta-12345678") / "cancel").exists()  # no stale request for its next submit

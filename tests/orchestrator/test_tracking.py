@@ -98,3 +98,14 @@ def test_drain_gives_up_at_once_while_the_server_is_down():
         q.stage({"key": k}, None, cached=False)
     summary = q.drain(timeout=30)
     assert summary["not_logged"] == 3 and sorted(summary["not_logged_keys"]) == ["x", "y", "z"]
+
+
+def test_a_sqlite_experiment_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    from orchestrator.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    db_dir = tmp_path / "elsewhere"
+    tracker = Tracker(f"sqlite:///{db_dir}/mlflow.db", "ddray/quickstart")
+    exp = tracker.client.get_experiment(tracker.ensure_experiment())
+    assert exp.artifact_location == str(db_dir / "mlartifacts" / "ddray-quickstart")
+    assert not (tmp_path / "mlruns").exists()
