@@ -68,6 +68,12 @@ def handles_errors(fn):
     return wrapper
 
 
+def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """A flag that takes one of a few words: anything else is one line naming it (exit 2)."""
+    if value not in choices:
+        raise UserError(f"{flag}: must be {', '.join(choices[:-1])} or {choices[-1]}, got '{value}'")
+
+
 def _store(path: Optional[str]):
     from orchestrator.object_store import open_store
     return open_store(path or "./ddray-store")
@@ -270,13 +276,12 @@ def study_logs(study_id: str,
                address: Optional[str] = AddressOpt):
     """A stage's log (every attempt), the study's latest transitions, or with --address its job's driver log."""
     from orchestrator.jobs import Cluster, is_jobs_address
-    from orchestrator.object_store import open_store
     from orchestrator.studies import load_record, stage_matching
 
     if is_jobs_address(address) and stage is None:
         sys.stdout.write(Cluster(address).logs(study_id))
         return
-    st = open_store(store or "./ddray-store")
+    st = _store(store)
     rec = load_record(st, study_id)
     if stage is None:
         for line in render.transitions(rec, tail):
@@ -335,8 +340,7 @@ def study_results_cmd(study_id: str,
     """One row per (dataset, aligned_ratio, severity, method, ipc, guidance, eval_arch)."""
     from orchestrator.studies import load_record, study_results
 
-    if format not in ("table", "json", "csv"):
-        raise UserError(f"--format: must be table, json or csv, got '{format}'")
+    _one_of("--format", format, ("table", "json", "csv"))
     st = _store(store)
     rec = load_record(st, study_id)
     rows = study_results(st, rec)
@@ -377,8 +381,7 @@ def study_compare(study_a: str, study_b: str, store: Optional[str] = StoreOpt,
     from orchestrator.report import compare_rows
     from orchestrator.studies import load_record, study_results
 
-    if format not in ("table", "json"):
-        raise UserError(f"--format: must be table or json, got '{format}'")
+    _one_of("--format", format, ("table", "json"))
     st = _store(store)
     recs = [load_record(st, s) for s in (study_a, study_b)]
     rows = compare_rows(*(study_results(st, r) for r in recs))
@@ -410,8 +413,7 @@ def evaluate_external(
     from orchestrator.runner import submit_study
     from orchestrator.spec import read_spec
 
-    if space not in ("pixels", "normalized"):
-        raise UserError(f"--space: must be pixels or normalized, got '{space}'")
+    _one_of("--space", space, ("pixels", "normalized"))
     s, text = read_spec(spec, profile)
     study, graph = external_study(s, synthetic, dataset, protocol, space, aligned_ratio, severity)
     view = render.ProgressView(err)
@@ -525,13 +527,15 @@ def ui(study_id: Optional[str] = typer.Argument(None, help="Open this study's tr
        port: int = typer.Option(5000, "--port"),
        store: Optional[str] = StoreOpt):
     """The MLflow UI on the study's tracking URI, bound to 127.0.0.1."""
+    from orchestrator.paths import sqlite_file
     from orchestrator.studies import load_record
 
     uri = tracking_uri
     if study_id:
         uri = load_record(_store(store), study_id)["tracking_uri"]
     uri = uri or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():
         raise UserError(f"tracking uri '{uri}': no such database (run a study first)")
     import signal
     import socket

@@ -63,6 +63,11 @@ class Stage:
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         self.key = f"{self.kind}-{digest[:16]}"
 
+    @staticmethod
+    def kind_of(key: str) -> str:
+        """The kind of the stage a key names (keys are `<kind>-<digest>`)."""
+        return key.split("-", 1)[0]
+
     @property
     def input_keys(self) -> list[str]:
         keys: list[str] = []
@@ -248,11 +253,10 @@ def search_stage(spec: StudySpec, method: Method, config: DistillConfig, guide: 
     proxy = EvalConfig(arch=config.arch, arch_options=config.arch_options, epochs=s.proxy.epochs,
                        lr=e.lr, batch_size=e.batch_size, checkpoints=1, repeats=s.proxy.repeats,
                        augment=protocol.augment if s.proxy.augmentation == "auto" else None, seed=spec.seed)
+    every = s.proxy.every or max(1, max_iterations(space, config.iterations) // 4)
     cfg = SearchConfig(distill=config, space=space, num_samples=s.num_samples, scheduler=s.scheduler,
-                       grace_period=1, reduction_factor=s.reduction_factor, algorithm=s.algorithm, seed=s.seed,
-                       max_concurrent=s.max_concurrent, every=1, proxy=proxy)
-    every = s.proxy.every or max(1, max_iterations(cfg) // 4)
-    cfg = cfg.model_copy(update={"every": every, "grace_period": s.grace_period or every})
+                       grace_period=s.grace_period or every, reduction_factor=s.reduction_factor,
+                       algorithm=s.algorithm, seed=s.seed, max_concurrent=s.max_concurrent, every=every, proxy=proxy)
     trial = spec.resources.trial
     return Stage("search", cfg.to_dict(), inputs, f"search {label}", {**coords, "search": ",".join(space)},
                  runtime={"trial": {"cpus": trial.cpus, "gpus": trial.gpus}, "max_failures": s.max_failures})

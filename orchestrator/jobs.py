@@ -151,7 +151,7 @@ class Cluster:
             shutil.rmtree(workdir, ignore_errors=True)
         return submission_id, False
 
-    def follow(self, submission_id: str, on_event: Callable[[dict], None], stop_when_done: bool = True) -> dict:
+    def follow(self, submission_id: str, on_event: Callable[[dict], None]) -> dict:
         """Feed the job's events to `on_event` until it ends; return the driver's JSON summary (or the job's state)."""
         seen, summary = 0, None
         while True:

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator.store import HOST, pid_alive
+from orchestrator.store import HOST, atomic_write_bytes, pid_alive
 
 DEFAULT_TTL_S = 60.0
 BREAKER_STALE_S = 10.0
@@ -180,9 +180,7 @@ class Leases(LeaseBook):
     def _renew(self, name: str) -> bool:
         if not self.mine(self.holder(name)):
             return False
-        tmp = self._path(name).with_name(f".{name}.renew-{uuid.uuid4().hex[:6]}")
-        tmp.write_bytes(self._body())
-        os.replace(tmp, self._path(name))
+        atomic_write_bytes(self._path(name), self._body(), fsync=False)  # renewed often; the TTL covers a loss
         return True
 
     def _delete_mine(self, name: str) -> None:

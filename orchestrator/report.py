@@ -21,12 +21,12 @@ each only when the study has the axis it needs:
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 from pathlib import Path
 
-from orchestrator.studies import RESULT_KEYS, ROW_EXTRAS, study_results
+from orchestrator.figures import png, pyplot
+from orchestrator.studies import DONE, RESULT_KEYS, ROW_EXTRAS, study_results
 
 ACROSS = ("aligned_ratio", "severity", "guidance")  # what a table spreads along the top when it varies
 PERCENT = 100.0
@@ -40,10 +40,6 @@ def _cell(row: dict | None) -> str:
     if row is None or row.get("acc_mean") is None:
         return "-"
     return f"{row['acc_mean'] * PERCENT:.1f} ± {(row.get('acc_std') or 0.0) * PERCENT:.1f}"
-
-
-def _label(row: dict, keys) -> str:
-    return ", ".join(f"{k}={row.get(k)}" if k not in ("method",) else str(row.get(k)) for k in keys)
 
 
 def paper_tables(rows: list[dict]) -> list[dict]:
@@ -90,28 +86,11 @@ def flat_table(rows: list[dict]) -> dict:
 
 # --- plots --------------------------------------------------------------------------------------
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    _figure().close(fig)
-    return buf.getvalue()
-
-
 def plot_ratio(rows: list[dict]) -> bytes | None:
     rows = [r for r in rows if r.get("aligned_ratio") is not None]
     if len({r["aligned_ratio"] for r in rows}) < 2:
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, list] = {}
     for r in rows:
@@ -120,20 +99,20 @@ def plot_ratio(rows: list[dict]) -> bytes | None:
         pts = sorted(pts, key=lambda r: r["aligned_ratio"])
         label = f"{method} ipc{ipc}" + (f" {guidance}" if guidance != "none" else "") + f" s{severity} ({arch})"
         ax.plot([p["aligned_ratio"] for p in pts], [p["acc_mean"] * PERCENT for p in pts], marker="o", label=label)
-        if all(p.get("acc_random") is not None for p in pts) and method == pts[0]["method"]:
+        if all(p.get("acc_random") is not None for p in pts):
             ax.plot([p["aligned_ratio"] for p in pts], [p["acc_random"] * PERCENT for p in pts], ls=":", lw=1,
                     color=ax.lines[-1].get_color())
     ax.set(xlabel="aligned ratio p of the training data", ylabel="test accuracy % (bias-conflicting)",
            title="accuracy vs aligned ratio (dotted: the random subset at the same IPC)")
     ax.legend(fontsize=7, ncol=2)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_bias_gap(rows: list[dict]) -> bytes | None:
     rows = [r for r in rows if r.get("acc_aligned") is not None and r.get("acc_conflicting") is not None]
     if not rows:
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 4.5))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["acc_aligned"] * PERCENT for r in rows], width=0.4, label="aligned")
@@ -142,7 +121,7 @@ def plot_bias_gap(rows: list[dict]) -> bytes | None:
                   fontsize=7)
     ax.set(ylabel="accuracy % on the unbiased test set", title="aligned vs conflicting samples")
     ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def plot_cross_arch(rows: list[dict]) -> bytes | None:
@@ -154,7 +133,7 @@ def plot_cross_arch(rows: list[dict]) -> bytes | None:
     index = {(r["dataset"], r["aligned_ratio"], r["method"], r["ipc"], r["guidance"], r["eval_arch"]): r["acc_mean"]
              for r in rows}
     grid = [[(index.get((*s, a)) or math.nan) * PERCENT for a in archs] for s in settings]
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.6 * len(archs) + 4, 0.35 * len(settings) + 1.5))
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(archs)), archs, rotation=30)
@@ -166,7 +145,7 @@ def plot_cross_arch(rows: list[dict]) -> bytes | None:
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
     fig.colorbar(im, ax=ax, label="accuracy %")
     ax.set_title("cross-architecture evaluation")
-    return _png(fig)
+    return png(fig)
 
 
 def plot_guidance(rows: list[dict]) -> bytes | None:
@@ -174,7 +153,7 @@ def plot_guidance(rows: list[dict]) -> bytes | None:
     if len(guidances) < 2:
         return None
     settings = sorted({(r["method"], r["ipc"]) for r in rows if r["guidance"] in guidances}, key=str)
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(settings) * len(guidances) / 2), 4.5))
     width = 0.8 / len(guidances)
     for g_i, g in enumerate(guidances):
@@ -186,13 +165,13 @@ def plot_guidance(rows: list[dict]) -> bytes | None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], [f"{m} ipc{i}" for m, i in settings])
     ax.set(ylabel="accuracy % (mean over variants and architectures)", title="PTM guidance options")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_curves(store, record: dict) -> bytes | None:
     curves = []
     for key, st in record["stages"].items():
-        if st["kind"] in ("distill", "search") and st["state"] in ("executed", "cached", "reused"):
+        if st["kind"] in ("distill", "search") and st["state"] in DONE:
             try:
                 history = store.read_json(st["kind"], key, "history.json")
             except Exception:  # a coreset baseline has no history file content worth plotting
@@ -202,13 +181,13 @@ def plot_curves(store, record: dict) -> bytes | None:
                 curves.append((st["label"], history, loss_keys[0]))
     if not curves:
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, history, name in curves[:24]:
         ax.plot([h["iteration"] for h in history], [h[name] for h in history], lw=1, label=f"{label} ({name})")
     ax.set(xlabel="iteration", ylabel="objective", yscale="log", title="distillation curves")
     ax.legend(fontsize=6)
-    return _png(fig)
+    return png(fig)
 
 
 # --- documents ----------------------------------------------------------------------------------

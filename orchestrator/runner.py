@@ -34,7 +34,7 @@ from orchestrator.spec import StudySpec
 from orchestrator.object_store import open_leases, open_store
 from orchestrator.paths import absolute_sqlite
 from orchestrator.store import ArtifactStore
-from orchestrator.studies import HEARTBEAT_S, StudyLog, load_record, study_results
+from orchestrator.studies import DONE, HEARTBEAT_S, StudyLog, load_record, study_results
 from orchestrator.tracking import Tracker, check_uri, redact
 from orchestrator.tracking_session import NoTracking, TrackingSession, fully_tracked
 
@@ -68,7 +68,7 @@ def search_summaries(store, graph: StageGraph, states: dict[str, str]) -> list[d
     """What each finished search found: trials, how many ASHA stopped early, the best trial."""
     out = []
     for stage in graph.of_kind("search"):
-        if states.get(stage.key) in ("executed", "cached", "reused"):
+        if states.get(stage.key) in DONE:
             s = store.read_json("search", stage.key, "result.json")["search"]
             out.append({"stage": stage.label, "key": stage.key, "trials": s["trials"],
                         "stopped_early": s["stopped_early"], "best": s["best"]})
@@ -99,8 +99,9 @@ def check_resources(spec: StudySpec, graph: StageGraph) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU", "memory")}
     counts = graph.counts()
-    for kind in [*counts, "trial"]:
-        if not counts.get(kind, counts["search"] if kind == "trial" else 0):
+    needed = {**counts, "trial": counts.get("search", 0)}  # each search's trials hold resources.trial
+    for kind, n in needed.items():
+        if not n:
             continue
         want = getattr(spec.resources, kind)
         for field_name, resource, value in (("cpus", "CPU", want.cpus), ("gpus", "GPU", want.gpus),

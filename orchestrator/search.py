@@ -46,11 +46,12 @@ from distill_core.methods import RealData, SyntheticSet, get_method
 from distill_core.runtime import Runtime
 from distill_core.utils import set_threads
 from orchestrator.errors import first_line
+from orchestrator.figures import png, pyplot
 from orchestrator.graph import Stage
 from orchestrator.object_store import ObjectStore, open_store
 from orchestrator.search_space import (METRIC, SearchConfig, max_iterations, progress_path, trial_config, trial_count,
                                        tune_space)
-from orchestrator.store import ArtifactStore, tensors_to_bytes
+from orchestrator.store import ArtifactStore, atomic_write_json, tensors_to_bytes
 
 log = logging.getLogger("ddray.search")
 
@@ -128,7 +129,7 @@ def _scheduler(cfg: SearchConfig):
 
     if cfg.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="iterations", max_t=max_iterations(cfg), grace_period=cfg.grace_period,
+    return ASHAScheduler(time_attr="iterations", max_t=max_iterations(cfg.space, cfg.distill.iterations), grace_period=cfg.grace_period,
                          reduction_factor=cfg.reduction_factor)
 
 
@@ -173,10 +174,7 @@ class TrialLog(Callback):
         states = list(self.ended.values())
         data = {"total": self.total, "done": len(states), "running": len(self.running - set(self.ended)),
                 "stopped_early": states.count("stopped early"), "failed": states.count("failed"), "best": self.best}
-        self.progress.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.progress)
+        atomic_write_json(self.progress, data, fsync=False)  # the live view's: not worth a sync
 
     def budget(self, trial) -> int:
         return trial_config(self.cfg.distill, trial.config).iterations
@@ -266,12 +264,7 @@ def run_search(stage: Stage, store: ArtifactStore | ObjectStore, runtime: Runtim
 
 def search_plot(trials: list[dict]) -> bytes:
     """Two panels: each trial's final proxy score in trial order, and every trial's proxy curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
     for i, t in enumerate(trials):
         if t[METRIC] is None:
             continue
@@ -282,8 +275,4 @@ def search_plot(trials: list[dict]) -> bytes:
                    ls="--" if t["stopped_early"] else "-")
     left.set(xlabel="trial", ylabel=f"final {METRIC} (x: stopped early, *: best)", title="search")
     right.set(xlabel="distillation iterations", ylabel=f"proxy {METRIC}", title="proxy curves")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=80)

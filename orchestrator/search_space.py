@@ -56,12 +56,10 @@ def trial_config(base: DistillConfig, sampled: dict[str, Any]) -> DistillConfig:
     return DistillConfig(**data)
 
 
-def max_iterations(cfg: SearchConfig) -> int:
-    dist = cfg.space.get("iterations")
-    if dist is None:
-        return cfg.distill.iterations
-    kind, value = next(iter(dist.items()))
-    return int(max(value))
+def max_iterations(space: dict[str, dict[str, Any]], iterations: int) -> int:
+    """The longest budget a trial may get: the largest `iterations` the space offers, else the setting's."""
+    dist = space.get("iterations")
+    return iterations if dist is None else int(max(next(iter(dist.values()))))
 
 
 def trial_count(cfg: SearchConfig) -> int:

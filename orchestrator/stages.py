@@ -239,7 +239,7 @@ def run_external(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
 
 def load_synthetic(store: ArtifactStore, key: str, ds: BiasedDataset) -> SyntheticSet:
     """A stored synthetic set, in the normalisation of the dataset variant it was distilled from."""
-    kind = key.split("-", 1)[0]  # a distillation's or a search's (its best trial's set)
+    kind = Stage.kind_of(key)  # a distillation's or a search's (its best trial's set)
     meta = store.read_json(kind, key, RESULT)["synthetic_meta"]
     return SyntheticSet.from_tensors(store.read_tensors(kind, key, "synthetic.pt"), meta, ds.normalization)
 

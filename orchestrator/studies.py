@@ -174,8 +174,6 @@ def load_record(store: ArtifactStore, study_id: str) -> dict:
     return record
 
 
-load_study = load_record
-
 
 def _resolve(store: ArtifactStore, study_id: str) -> Path:
     if not STUDY_ID.fullmatch(study_id):
@@ -185,12 +183,13 @@ def _resolve(store: ArtifactStore, study_id: str) -> Path:
     if (root / study_id / "record.json").exists():
         return root / study_id
     ids = sorted(p.name for p in root.glob("*") if (p / "record.json").exists())
-    matches = [i for i in ids if i.startswith(study_id) or i.rsplit("-", 1)[0] == study_id]
+    names = {i: i.rsplit("-", 1)[0] for i in ids}  # an id is <name>-<spec hash>
+    matches = [i for i in ids if i.startswith(study_id) or names[i] == study_id]
     if len(matches) == 1:
         return root / matches[0]
     if len(matches) > 1:
         raise UserError(f"study id '{study_id}' is ambiguous: {', '.join(matches)}")
-    hint = suggest(study_id, {*ids, *(i.rsplit("-", 1)[0] for i in ids)}) if ids else " (the store holds no studies)"
+    hint = suggest(study_id, {*ids, *names.values()}) if ids else " (the store holds no studies)"
     raise UserError(f"study '{study_id}' not found in store '{store.root}'{hint}")
 
 
@@ -260,6 +259,8 @@ def study_results(store: ArtifactStore, record: dict) -> list[dict]:
 
 
 VARIANT = ("dataset", "aligned_ratio", "severity")
+RANDOM_AT = (*VARIANT, "ipc", "eval_arch", "eval_protocol")  # a random subset scores rows that match it on these
+WHOLE_AT = (*VARIANT, "eval_arch", "eval_protocol")  # the whole training split has no IPC
 
 
 def scored(rows: list[dict]) -> list[dict]:
@@ -270,20 +271,18 @@ def scored(rows: list[dict]) -> list[dict]:
     random = reference_method("random_subset")
     whole = reference_method("whole_dataset")
 
-    def at(row, *names):
+    def at(row, names):
         return json.dumps([row.get(k) for k in names], default=str)
 
-    by_random = {at(r, *VARIANT, "ipc", "eval_arch", "eval_protocol"): r["acc_mean"]
-                 for r in rows if random is not None and r["method"] == random.name}
-    by_whole = {at(r, *VARIANT, "eval_arch", "eval_protocol"): r["acc_mean"]
-                for r in rows if whole is not None and r["method"] == whole.name}
+    by_random = {at(r, RANDOM_AT): r["acc_mean"] for r in rows if random is not None and r["method"] == random.name}
+    by_whole = {at(r, WHOLE_AT): r["acc_mean"] for r in rows if whole is not None and r["method"] == whole.name}
     out = []
     for r in rows:
         if r.pop("reference", None):
             continue
-        r["acc_random"] = by_random.get(at(r, *VARIANT, "ipc", "eval_arch", "eval_protocol"))
+        r["acc_random"] = by_random.get(at(r, RANDOM_AT))
         r["ior"] = r["acc_mean"] - r["acc_random"] if r["acc_random"] is not None else None
-        r["acc_whole"] = by_whole.get(at(r, *VARIANT, "eval_arch", "eval_protocol"))
+        r["acc_whole"] = by_whole.get(at(r, WHOLE_AT))
         r["gap"] = r["acc_aligned"] - r["acc_conflicting"] \
             if r.get("acc_aligned") is not None and r.get("acc_conflicting") is not None else None
         out.append(r)

@@ -236,19 +236,14 @@ class Tracker:
         for name in ("host", "node", "device", "attempt"):
             if run_info.get(name):
                 tags[f"ddray.run.{name}"] = str(run_info[name])
-        # three calls, the least MLflow allows: create (the parent tag makes it a child at once), one batch, terminate
+        # create (the parent tag makes it a child at once), batches, inputs and artifacts if any, terminate
         run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags={PARENT_TAG: parent_run_id})
         rid = run.info.run_id
         resources = {f"resources.{k}": run_info[k] for k in ("cpus", "gpus") if k in run_info}
         best = {"best": result["search"]["best"]["config"]} if "search" in result else {}
         params = [Param(k[:250], v) for k, v in flatten({**result.get("config", {}), **resources, **best}).items()]
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.get("metrics", {}).items()]
-        tag_list = [RunTag(k, v) for k, v in tags.items()]
-        for i in range(0, max(len(params), len(metrics), len(tag_list), 1), 100):  # MLflow's per-call limits
-            self.client.log_batch(rid, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=tag_list[i:i + 100])
-        series = curves(store, result)
-        for i in range(0, len(series), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(rid, metrics=series[i:i + 1000])
+        self.log_batches(rid, [*metrics, *curves(store, result)], params, [RunTag(k, v) for k, v in tags.items()])
         inputs = input_datasets(store, result)
         if inputs:
             self.client.log_inputs(rid, datasets=inputs)
@@ -260,6 +255,15 @@ class Tracker:
             self.log_trial(rid, study_id, result["key"], trial)
         self.client.set_terminated(rid, "FINISHED")
         return rid
+
+    def log_batches(self, run_id: str, metrics: list, params: list, tags: list) -> None:
+        """Everything in as few `log_batch` calls as MLflow's limits allow: per call at most 1000 metrics,
+        100 params and 100 tags, 1000 entities in all."""
+        while metrics or params or tags:
+            p, t = params[:100], tags[:100]
+            m = metrics[:1000 - len(p) - len(t)]
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+            metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
 
     def log_trial(self, stage_run_id: str, study_id: str, key: str, trial: dict) -> None:
         """One nested run per trial: the sampled values as params, the proxy curve as a metric series."""
@@ -278,10 +282,7 @@ class Tracker:
                    for point in trial["curve"] for name in point if name != "iterations"]
         metrics.append(Metric("iterations_run", float(trial["iterations"]), now, 0))
         params = [Param(k[:250], v) for k, v in flatten(trial["config"]).items()]
-        tag_list = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        for i in range(0, max(len(metrics), len(params), len(tag_list)), 100):
-            self.client.log_batch(run.info.run_id, metrics=metrics[i:i + 100], params=params[i:i + 100],
-                                  tags=tag_list[i:i + 100])
+        self.log_batches(run.info.run_id, metrics, params, [RunTag(k, str(v)[:5000]) for k, v in tags.items()])
         self.client.set_terminated(run.info.run_id, "FAILED" if trial["error"] else "FINISHED")
 
     def log_failure(self, parent_run_id: str, study_id: str, label: str, key: str, kind: str, error: str,
@@ -334,15 +335,17 @@ def input_datasets(store, result: dict) -> list:
     each named by its stage label and identified by the sha256 of its stored tensors."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from orchestrator.graph import Stage
+
     out = []
     for role, file in (("dataset", "dataset.pt"), ("synthetic", "synthetic.pt")):
         key = result.get("inputs", {}).get(role)
         if not isinstance(key, str):
             continue
-        kind = key.split("-", 1)[0]
+        kind = Stage.kind_of(key)
         manifest = store.manifest(kind, key) or {}
         digest = manifest.get("files", {}).get(file, {}).get("sha256", "")
-        label = manifest.get("meta", {}).get("label") or key
+        label = key  # unless the input's result names it
         try:
             label = store.read_json(kind, key, "result.json")["label"]
         except (OSError, ValueError, KeyError):

@@ -43,7 +43,7 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
 
     from orchestrator.runner import submit_study
     from orchestrator.spec import parse_spec
-    from orchestrator.studies import load_study, study_results
+    from orchestrator.studies import load_record, study_results
     from orchestrator.store import ArtifactStore
 
     monkeypatch.chdir(tmp_path)
@@ -96,7 +96,7 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
     assert len(runs_after) == len(runs)
     assert second.results == rows
 
-    record = load_study(ArtifactStore(tmp_path / "store"), first.study_id)
+    record = load_record(ArtifactStore(tmp_path / "store"), first.study_id)
     assert record["state"] == "succeeded" and record["attempts"] == 2
     assert study_results(ArtifactStore(tmp_path / "store"), record) == rows
 
