@@ -541,6 +541,9 @@ def ui(study_id: Optional[str] = typer.Argument(None, help="Open this study's tr
     import socket
 
     with socket.socket() as probe:  # a busy port is the user's to resolve, not a server that dies at once
+        # busy means something listens: connections a previous server closed (TIME_WAIT, a minute) do not
+        # count, as they do not for the server itself (uvicorn sets SO_REUSEADDR too)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

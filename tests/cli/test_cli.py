@@ -141,29 +141,54 @@ def test_damaged_stored_dataset_is_detected_and_rebuilt(tmp_path):
     assert list((tmp_path / "s" / "quarantine").iterdir())  # the damaged copy is kept aside, never used
 
 
-def test_ui_serves_mlflow_on_localhost(tmp_path):
-    import socket
+def start_ui(db: Path, port: int, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "ui", "--tracking-uri", f"sqlite:///{db}",
+                             "--port", str(port)], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def ui_answer(port: int, proc: subprocess.Popen) -> str | None:
+    """The experiments the UI on `port` lists, once it answers (None if `proc` ends or a minute passes)."""
     import time
     import urllib.request
 
-    db = tmp_path / "mlflow.db"
+    for _ in range(120):
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10",
+                                          timeout=2).read().decode()
+        except OSError:
+            if proc.poll() is not None:
+                return None
+            time.sleep(0.5)
+    return None
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def probe_db(tmp_path: Path) -> Path:
     from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
     MlflowClient(f"sqlite:///{db}").create_experiment("probe")
+    return db
+
+
+def test_ui_serves_mlflow_on_localhost(tmp_path):
+    import socket
+    import time
+
+    db = probe_db(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", "--tracking-uri", f"sqlite:///{db}",
-                             "--port", str(port)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start_ui(db, port, tmp_path)
     try:
-        body = None
-        for _ in range(120):
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search?max_results=10",
-                                              timeout=2).read().decode()
-                break
-            except OSError:
-                time.sleep(0.5)
+        body = ui_answer(port, proc)
         assert body is not None and "probe" in body
         busy = ddray("ui", "--tracking-uri", f"sqlite:///{db}", "--port", port, cwd=tmp_path)
         assert busy.returncode == 2 and busy.stderr.strip() == f"error: --port: 127.0.0.1:{port} is in use " \
@@ -171,13 +196,40 @@ def test_ui_serves_mlflow_on_localhost(tmp_path):
         proc.send_signal(15)  # SIGTERM to ddray alone: it stops the server it started, workers included
         assert proc.wait(timeout=60) == 0
         time.sleep(1)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # nothing is left serving on the port
+        with socket.socket() as s:  # nothing is left listening on the port (closed connections may linger)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
     finally:
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        stop_group(proc)
+
+
+def test_ui_takes_a_port_whose_last_connections_are_still_closing(tmp_path):
+    """Restarting `ddray ui` at once: the old server's closed connections (TIME_WAIT, about a minute)
+    hold the port for a plain bind, but nothing listens there, so it is not busy."""
+    import socket
+
+    db = probe_db(tmp_path)
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first, as an HTTP server does: its end waits in TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the state this test is about
+    proc = start_ui(db, port, tmp_path)
+    try:
+        body = ui_answer(port, proc)
+        assert body is not None and "probe" in body, proc.stderr.read().decode() if proc.poll() is not None else ""
+        proc.send_signal(15)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop_group(proc)
 
 
 def test_ui_without_database_exits_2(tmp_path):
