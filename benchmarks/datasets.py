@@ -53,7 +53,7 @@ from distill_core.data import DatasetUnavailable, load_source  # noqa: E402
 from distill_core.data.colored import COLORS, SEVERITY_SIGMA, colorize  # noqa: E402
 from distill_core.data.corruptions import (  # noqa: E402
     BRIGHTNESS, CONTRAST, CORRUPTIONS, ELASTIC, FOG, FROST, JPEG_QUALITY, MUD_COLOR, PIXELATE,
-    SATURATE, SNOW, SPATTER, WATER_COLOR, corrupt_batch, frost_bank,
+    SATURATE, SNOW, SPATTER, WATER_COLOR, corrupt_batch, load_frost_textures,
 )
 
 
@@ -125,8 +125,8 @@ _REF_FROST = None
 
 def ref_frost(x, severity):
     global _REF_FROST
-    if _REF_FROST is None:  # REF-SUBSTITUTE for cv2.imread + cv2.resize of a frost photo
-        _REF_FROST = frost_bank("cpu").permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    if _REF_FROST is None:  # REF-SUBSTITUTE for cv2.imread + cv2.resize of the frost photos (equal bytes)
+        _REF_FROST = [t.permute(1, 2, 0).numpy() for t in load_frost_textures()]
     c = FROST[severity]
     x = np.array(x)
     idx = np.random.randint(len(_REF_FROST))

@@ -33,7 +33,8 @@ Settings that upstream does not publish for Fashion-MNIST: MTT's syn_steps,
 max_start_epoch, lr_img and lr_lr take the published CIFAR-10 values (IPC 1:
 50 / 2 / 1000 / 1e-7; IPC 10: 30 / 20 / 1000 / 1e-5) in --full.
 With --json the last stdout line is one JSON object with `results`: a list of
-{"method", "ipc", "acc_mean", "acc_std", "budget", ...}, including rows for
+{"dataset", "method", "ipc", "acc_mean", "acc_std", "budget", ...} (`dataset` names the data
+each row ran on: `digits` where Fashion-MNIST is not installed), including rows for
 `random` at each IPC and `whole`, and `checks` with the targets above.
 """
 
@@ -101,7 +102,8 @@ def load_dataset(budget: dict):
     try:
         source = load_source("fashion_mnist", download=False)
     except DatasetUnavailable as exc:
-        log(f"NOTE: Fashion-MNIST unavailable ({exc}); falling back to scikit-learn digits")
+        log(f"WARNING: Fashion-MNIST unavailable ({exc}); falling back to scikit-learn digits: every row below "
+            "is a digits figure (its `dataset` says so), not a Fashion-MNIST one")
         source = load_source("digits")
     ds = build_biased_dataset(source, "none", 0.1, 1, max_per_class=budget["max_per_class"])
     if budget["test_cap"] is not None and len(ds.test_labels) > budget["test_cap"]:
@@ -174,7 +176,7 @@ def run_one(method: str, ipc: int, real: RealData, ds, budget: dict, name: str, 
     eval_s = time.perf_counter() - t0
     accs = [r["acc"] for r in runs]
     result = {
-        "method": method, "ipc": ipc if method != "whole" else None,
+        "dataset": ds.name, "method": method, "ipc": ipc if method != "whole" else None,
         "acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
         "budget": (f"{name}: {cfg.iterations} it, width {budget['width']}, "
                    f"{budget['max_per_class'] or 'all'}/class, eval {eval_cfg.augment or 'none'} "

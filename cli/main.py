@@ -86,6 +86,7 @@ def _store(path: Optional[str]):
 def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), max_stages: int = MaxStagesOpt,
                    profile: Optional[str] = ProfileOpt):
     """Check a spec (and each of its profiles); print stage counts. Exit 2 with one line per problem."""
+    from orchestrator.datasets import missing_data
     from orchestrator.graph import build_stage_graph
     from orchestrator.spec import load_spec, profiles_of
 
@@ -95,6 +96,8 @@ def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), 
         shown = f"{spec} --profile {name}" if name else str(spec)
         out.print(f"{shown}: valid (study {s.study_id}; stages: " +
                   ", ".join(f"{k} {v}" for k, v in counts.items()) + ")", highlight=False)
+        for line in missing_data(s):
+            out.print(f"  {line}", highlight=False)
 
 
 @study_app.command("submit")
@@ -131,15 +134,17 @@ def study_submit(
         view.stop()
     if events:
         on_event({"type": "results", "rows": outcome.results, "errors": outcome.errors,
-                  "attempts": outcome.attempts, "tracking": outcome.tracking})
+                  "attempts": outcome.attempts, "tracking": outcome.tracking, "findings": outcome.findings})
     _report(outcome.study_id, outcome.state, outcome.results, outcome.errors, outcome.summary(), outcome.attempts,
-            outcome.tracking, json_out)
+            outcome.tracking, json_out, outcome.findings)
 
 
-def _report(study_id, state, results, errors, summary, attempts, tracking, json_out) -> None:
-    if results:  # with --json, stdout holds only the JSON line
-        console = err if json_out else out
+def _report(study_id, state, results, errors, summary, attempts, tracking, json_out, findings=()) -> None:
+    console = err if json_out else out  # with --json, stdout holds only the JSON line
+    if results:
         console.print(render.results_table(results, f"results of {study_id}", console.width, study_id))
+    if findings:
+        console.print(render.findings_table(findings, f"findings of {study_id}"))
     for key, message in errors.items():
         err.print(f"[red]stage {key}:[/red] {escape(message)}", highlight=False)
     c = summary["stages"]
@@ -193,7 +198,7 @@ def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, js
         raise UserError(f"ray: job {submission} ended {summary.get('job_status')} without a study summary; "
                         f"see `ddray study logs {s.study_id} --address {address}`")
     _report(s.study_id, summary["state"], results.get("rows", []), results.get("errors", {}), summary,
-            results.get("attempts", {}), results.get("tracking", {}), json_out)
+            results.get("attempts", {}), results.get("tracking", {}), json_out, results.get("findings", []))
 
 
 @study_app.command("status")
@@ -353,6 +358,24 @@ def study_results_cmd(study_id: str,
                                        rec["study_id"]))
 
 
+@study_app.command("findings")
+@handles_errors
+def study_findings_cmd(study_id: str, json_out: bool = typer.Option(False, "--json", metavar=""),
+                       store: Optional[str] = StoreOpt):
+    """The spec's claims tested on the results: effect, 95% interval, verdict (holds | contradicted | inconclusive)."""
+    from orchestrator.studies import load_record, study_findings
+
+    st = _store(store)
+    rec = load_record(st, study_id)
+    findings = study_findings(st, rec)
+    if json_out:
+        print(render.json_line({"findings": findings}))
+    elif not findings:
+        out.print(f"study {rec['study_id']} declares no findings (a spec's findings: block)", highlight=False)
+    else:
+        out.print(render.findings_table(findings, f"findings of {rec['study_id']} ({rec['state']})"))
+
+
 @study_app.command("report")
 @handles_errors
 def study_report(study_id: str, out_dir: Path = typer.Option(Path("report"), "--out", help="Directory to write."),
@@ -423,7 +446,7 @@ def evaluate_external(
     finally:
         view.stop()
     _report(outcome.study_id, outcome.state, outcome.results, outcome.errors, outcome.summary(), outcome.attempts,
-            outcome.tracking, json_out)
+            outcome.tracking, json_out, outcome.findings)
 
 
 # --- dataset -----------------------------------------------------------------------------------------

@@ -144,9 +144,11 @@ def trials_text(p: dict) -> str:
 
 
 RESULT_COLUMNS = ["dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch",
-                  "acc_mean", "acc_std", "acc_random", "ior", "acc_whole", "acc_unbiased", "acc_aligned",
-                  "acc_conflicting", "gap", "n_distillations", "n_repeats"]
-OPTIONAL = ("acc_random", "ior", "acc_whole", "acc_aligned", "acc_conflicting", "gap")  # shown when some row has one
+                  "acc_mean", "acc_std", "acc_std_distill", "acc_val_selected", "acc_random", "ior", "acc_whole",
+                  "acc_unbiased", "acc_aligned", "acc_conflicting", "gap", "n_distillations", "n_repeats"]
+# shown when some row has one
+OPTIONAL = ("acc_val_selected", "acc_random", "ior", "acc_whole", "acc_aligned", "acc_conflicting", "gap")
+CSV_ONLY = ["selection", "val_split", "acc_last", "acc_last_std", "acc_val_selected_std"]
 VARYING = ("iterations", "lr_img", "options", "eval_protocol")  # in the table only when the grid varies them
 
 
@@ -223,7 +225,7 @@ def compare_table(rows: list[dict], a: str, b: str) -> Table:
 
 def results_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    cols = RESULT_COLUMNS[:7] + list(VARYING) + RESULT_COLUMNS[7:]
+    cols = RESULT_COLUMNS[:7] + list(VARYING) + RESULT_COLUMNS[7:] + CSV_ONLY
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
@@ -291,3 +293,21 @@ def _nan_to_none(obj):
     if isinstance(obj, list):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+VERDICT_STYLE = {"holds": "green", "contradicted": "red", "inconclusive": "yellow"}
+
+
+def findings_table(findings: list[dict], title: str) -> Table:
+    """One line per claim: verdict, effect and 95% interval in accuracy points, networks read."""
+    table = Table(title=title, caption="effect: a - b, or the fitted change of a trend, in points; "
+                  "95% bootstrap interval over distillation seeds x networks")
+    for c in ("claim", "verdict", "effect", "95% CI", "n", "statement"):
+        table.add_column(c, justify="right" if c in ("effect", "95% CI", "n") else "left", overflow="fold")
+    for f in findings:
+        effect = "-" if f["effect"] is None else f"{f['effect']:+.1f}"
+        ci = "-" if f["ci95"] is None else f"[{f['ci95'][0]:+.1f}, {f['ci95'][1]:+.1f}]"
+        style = VERDICT_STYLE.get(f["verdict"], "")
+        table.add_row(escape(f["id"]), f"[{style}]{f['verdict']}[/{style}]", effect, ci, str(f["n"]),
+                      escape(f["statement"]))
+    return table

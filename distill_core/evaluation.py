@@ -8,11 +8,16 @@ without augmentation, or DC's crop/scale/rotate for 1000 on MNIST; DSA, DM,
 MTT 1000 epochs of DSA), and augmentation draws one transform family per batch
 with its parameters per sample, as upstream's non-siamese `DiffAugment`.
 
-Model selection uses a validation split held out from the real training data
-(`BiasedDataset.val_index`): the checkpoint with the best validation accuracy
-among `checkpoints` check epochs is the one reported, never the maximum over
-test checkpoints (upstream MTT's pitfall). The test sets are predicted once,
-from that checkpoint's snapshot.
+Checkpoint selection (`selection`): `last`, the final epoch, as upstream
+(DatasetCondensation and DDInterpreter report the network after its last
+epoch), or `val`, the checkpoint with the best accuracy on a validation split
+held out from the real training data (`BiasedDataset.val_index`) among
+`checkpoints` check epochs - never the maximum over test checkpoints (upstream
+MTT's pitfall). Both are computed whenever the dataset holds a validation
+split: every network reports `acc_last` and `acc_val_selected` (None without
+one), and its metrics follow `selection`. For biased data the choice matters:
+a validation split as biased as training picks the checkpoint that fits the
+shortcut best (see docs/protocols.md).
 
 Reported per network: accuracy on the bias-conflicting test set (p = 0), on
 the unbiased test set (p = 0.1), and on its aligned vs conflicting samples,
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -55,6 +60,7 @@ class EvalConfig(Config):
     batch_size: int = Field(default=256, ge=1, le=100_000)
     augment: str | None = None  # distill_core.augment name ("dsa:<strategy>", "dc:<strategy>") or None
     checkpoints: int = Field(default=10, ge=1, le=10_000)  # validation checks spread over training
+    selection: Literal["last", "val"] = "last"  # the reported checkpoint: the final epoch (upstream) or best val
     repeats: int = Field(default=5, ge=1, le=10_000)  # independently initialised networks
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
@@ -167,22 +173,47 @@ def fit(syn: SyntheticSet, cfg: EvalConfig, repeat: int = 0, runtime: Runtime = 
     return model
 
 
+def network_result(selection: str, last: dict, at_val: dict | None, curve: list) -> dict:
+    """One network's record: the selected checkpoint's metrics at the top level, both checkpoints beside them.
+
+    `last` and `at_val` are metrics dicts (`at_val` with `val_acc` and `epoch`; None without a validation split).
+    """
+    chosen = at_val if selection == "val" else last
+    return {**chosen, "selection": selection, "val_acc": at_val["val_acc"] if at_val else None,
+            "acc_last": last["acc"], "acc_val_selected": at_val["acc"] if at_val else None,
+            "at_last": last, "at_val": at_val, "val_curve": curve}
+
+
+def check_selection(cfg: EvalConfig, sets: EvalSets) -> None:
+    if cfg.selection == "val" and not len(sets.val[1]):
+        raise ValueError("evaluation selection 'val' needs a validation split, and the dataset holds out none "
+                         "(val_fraction 0)")
+
+
 def train_and_evaluate(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig, repeat: int = 0,
                        runtime: Runtime = DEFAULT_RUNTIME, loss_fn=None) -> dict:
-    """Train one fresh network on `syn`; return test metrics at the best-validation checkpoint."""
+    """Train one fresh network on `syn`; test it after its last epoch and at its best-validation checkpoint."""
+    check_selection(cfg, sets)
     predict_batch = runtime.predict_batch_size()
-    best, best_state, curve = {"val_acc": -1.0}, None, []
+    has_val = len(sets.val[1]) > 0
+    best, best_state, curve = None, None, []
 
     def keep_best(epoch, model):
         nonlocal best, best_state
-        val_acc = accuracy_of(predict(model, sets.val[0], predict_batch), sets.val[1]) if len(sets.val[1]) else 0.0
+        val_acc = accuracy_of(predict(model, sets.val[0], predict_batch), sets.val[1])
         curve.append([epoch, val_acc])
-        if val_acc >= best["val_acc"]:  # ties go to the later, longer-trained checkpoint
+        if best is None or val_acc >= best["val_acc"]:  # ties go to the later, longer-trained checkpoint
             best, best_state = {"val_acc": val_acc, "epoch": epoch}, snapshot(model)
 
-    model = fit(syn, cfg, repeat, runtime, loss_fn, sets.num_classes, keep_best)
-    model.load_state_dict(best_state)
-    return {**best, **test_metrics(model, sets, predict_batch), "val_curve": curve}
+    model = fit(syn, cfg, repeat, runtime, loss_fn, sets.num_classes, keep_best if has_val else None)
+    last = {"epoch": cfg.epochs, **test_metrics(model, sets, predict_batch)}
+    at_val = None
+    if best is not None and best["epoch"] == cfg.epochs:  # the final epoch's metrics are already known
+        at_val = {**last, **best}
+    elif best is not None:
+        model.load_state_dict(best_state)
+        at_val = {**test_metrics(model, sets, predict_batch), **best}
+    return network_result(cfg.selection, last, at_val, curve)
 
 
 def proxy_accuracy(syn: SyntheticSet, val: tuple[torch.Tensor, torch.Tensor], num_classes: int, cfg: EvalConfig,
@@ -203,6 +234,7 @@ def evaluate_repeats(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig,
     """Repeats 0..cfg.repeats-1 on prepared sets, in the form the runtime picks (all give the same numbers)."""
     from distill_core.grouped import can_fold, train_and_evaluate_folded  # the CUDA engine, beside the recipe
 
+    check_selection(cfg, sets)
     shape = (syn.images.shape[1], sets.num_classes, syn.images.shape[-1])
     if cfg.repeats > 1 and runtime.fold_repeats() and can_fold(seeded_network(cfg, 0, *shape)):
         results = train_and_evaluate_folded(syn, sets, cfg, list(range(cfg.repeats)), runtime)
@@ -222,7 +254,8 @@ def evaluate_repeats(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig,
 
 def evaluate_synthetic(syn: SyntheticSet, ds: BiasedDataset, cfg: EvalConfig,
                        runtime: Runtime = DEFAULT_RUNTIME, progress=None) -> list[dict]:
-    """`cfg.repeats` independently initialised networks on `ds`'s held-out sets; one metrics dict per network."""
+    """`cfg.repeats` independently initialised networks on `ds`'s test sets; one record per network
+    (`network_result`)."""
     device = runtime.torch_device
     syn = SyntheticSet(syn.images.to(device), syn.labels.to(device), syn.norm, syn.lr)
     return evaluate_repeats(syn, EvalSets.from_dataset(ds, device), cfg, runtime, progress)

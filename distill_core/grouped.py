@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from distill_core.augment import make_augmentation
 from distill_core.evaluation import (EvalConfig, EvalSets, accuracy_of, decay_epoch, metrics_from_predictions,
-                                     seeded_network, snapshot, training_lr, validation_epochs)
+                                     network_result, seeded_network, snapshot, training_lr, validation_epochs)
 from distill_core.networks import ConvNet
 from distill_core.runtime import Runtime
 from distill_core.sets import SyntheticSet
@@ -128,8 +128,9 @@ def train_and_evaluate_folded(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig
     chunk = max(1, runtime.predict_batch_size() // len(repeats))  # the folded network is N networks wide
     images, labels = syn.images.detach(), syn.labels
     n = len(labels)
-    check_at = validation_epochs(cfg)
-    best = [{"val_acc": -1.0} for _ in repeats]
+    has_val = len(sets.val[1]) > 0
+    check_at = validation_epochs(cfg) if has_val else set()
+    best: list[dict | None] = [None for _ in repeats]
     curves: list[list] = [[] for _ in repeats]
     snapshots: dict[int, dict] = {}  # epoch -> folded weights, while some network's best is that epoch
 
@@ -152,22 +153,28 @@ def train_and_evaluate_folded(syn: SyntheticSet, sets: EvalSets, cfg: EvalConfig
             for group in opt.param_groups:
                 group["lr"] *= 0.1
         if epoch in check_at:
-            val_pred = predict_folded(folded, sets.val[0], chunk) if len(sets.val[1]) else None
+            val_pred = predict_folded(folded, sets.val[0], chunk)
             for j in range(len(repeats)):
-                val_acc = accuracy_of(val_pred[:, j], sets.val[1]) if val_pred is not None else 0.0
+                val_acc = accuracy_of(val_pred[:, j], sets.val[1])
                 curves[j].append([epoch, val_acc])
-                if val_acc >= best[j]["val_acc"]:
+                if best[j] is None or val_acc >= best[j]["val_acc"]:
                     best[j] = {"val_acc": val_acc, "epoch": epoch}
-                    snapshots.setdefault(epoch, snapshot(folded))
+                    if epoch != cfg.epochs:  # the final weights are tested anyway
+                        snapshots.setdefault(epoch, snapshot(folded))
             live = {b["epoch"] for b in best}
             snapshots = {e: state for e, state in snapshots.items() if e in live}
-    for epoch, state in snapshots.items():  # test once per distinct best checkpoint
-        folded.load_state_dict(state)
+
+    def test_all() -> list[dict]:
         pred_test = predict_folded(folded, sets.test[0], chunk)
         pred_unb = predict_folded(folded, sets.unbiased[0], chunk)
-        for j, b in enumerate(best):
-            if b["epoch"] == epoch:
-                b.update(metrics_from_predictions(pred_test[:, j], pred_unb[:, j], sets))
-    for b, curve in zip(best, curves):
-        b["val_curve"] = curve
-    return best
+        return [metrics_from_predictions(pred_test[:, j], pred_unb[:, j], sets) for j in range(len(repeats))]
+
+    last = [{"epoch": cfg.epochs, **m} for m in test_all()]
+    at_val: list[dict | None] = [None if b is None else {**last[j], **b} if b["epoch"] == cfg.epochs else None
+                                 for j, b in enumerate(best)]
+    for epoch, state in snapshots.items():  # test once per distinct earlier best checkpoint
+        folded.load_state_dict(state)
+        for j, m in enumerate(test_all()):
+            if best[j] is not None and best[j]["epoch"] == epoch:
+                at_val[j] = {**m, **best[j]}
+    return [network_result(cfg.selection, last[j], at_val[j], curves[j]) for j in range(len(repeats))]

@@ -92,8 +92,12 @@ class PTMGuidance:
     config: GuidanceConfig
     pool: PTMPool
     real: RealData | None = None  # CCLoM's real images (target domain)
+    # PTM and CCLoM-batch draws come from their own stream, so a guided distillation sees the same real
+    # batches and augmentations as its unguided twin of the same seed (upstream shares one RNG; ours pairs runs)
+    seed: int = 0
 
     def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
         if self.config.kind == "cclom" and self.real is None:
             raise ValueError("CCLoM needs the real training data")
         if not len(self.pool):
@@ -108,7 +112,8 @@ class PTMGuidance:
             return float(alpha.get(arch, alpha.get("default")))
         return float(alpha)
 
-    def loss(self, x_syn: torch.Tensor, y_syn: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, x_syn: torch.Tensor, y_syn: torch.Tensor) -> torch.Tensor:
+        generator = self.generator
         arch, model = self.pool.sample(generator)
         if self.config.kind == "clom":
             term = clom_loss(model, x_syn, y_syn)

@@ -1,9 +1,10 @@
 """Training a pre-trained model (PTM) or an MTT expert, with checkpoints per epoch.
 
 Two recipes (`recipe(name, ...)` gives a PTMConfig's training fields):
-- "ptm" (paper 2): SGD lr 0.01, momentum 0.9, weight decay 0.005, batch 256,
-  lr x0.1 after 1/3 and 2/3 of training (epochs 50 and 100 of 150), no
-  augmentation, normalised data.
+- "ptm" (paper 2, DDInterpreter `train_original_models.py`): SGD lr 0.01,
+  momentum 0.9, weight decay 0.005, batch 256, lr x0.1 after epochs 50 and 100
+  (absolute, as upstream: a shorter run is upstream's early checkpoint, at the
+  constant lr 0.01, not a compressed schedule), no augmentation, normalised data.
 - "expert" (MTT's buffer.py): SGD lr 0.01 with no momentum and no weight
   decay, a constant lr, batch 256, DSA augmentation with parameters per
   sample, 50 epochs upstream; every epoch's checkpoint is an MTT trajectory.
@@ -27,6 +28,7 @@ from distill_core.tiling import ce_sum
 from distill_core.training import train_epoch
 
 RecipeName = Literal["ptm", "expert"]
+PTM_MILESTONES = (50, 100)  # paper 2's lr drops (epochs), whatever the run's length
 
 
 class PTMConfig(Config):
@@ -47,7 +49,7 @@ def recipe(name: RecipeName, epochs: int, dsa_strategy: str) -> dict:
     """The training fields of a named recipe for a run of `epochs` epochs."""
     if name == "ptm":
         return {"momentum": 0.9, "weight_decay": 0.005, "augment": None,
-                "milestones": sorted({max(1, epochs // 3), max(1, 2 * epochs // 3)})}
+                "milestones": [m for m in PTM_MILESTONES if m < epochs]}
     if name == "expert":
         return {"momentum": 0.0, "weight_decay": 0.0, "augment": f"dsa:{dsa_strategy}", "milestones": []}
     raise ValueError(f"unknown PTM recipe '{name}' (ptm | expert)")

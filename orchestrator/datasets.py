@@ -1,4 +1,5 @@
-"""Building dataset variants outside a study (`ddray dataset build/show`).
+"""Datasets outside a study's run: building variants (`ddray dataset build/show`), and what a spec's
+sources need on this machine (`ddray study validate`).
 
 Uses the same stage, key and store as a study's dataset stage, so a variant
 built here is a cache hit inside any study that needs it, and vice versa.
@@ -7,9 +8,10 @@ built here is a cache hit inside any study that needs it, and vice versa.
 from __future__ import annotations
 
 from distill_core.data import DatasetUnavailable
+from distill_core.data.sources import downloads_allowed, stored_locally
 from orchestrator.errors import UserError
 from orchestrator.graph import dataset_stage
-from orchestrator.spec import DatasetSpec
+from orchestrator.spec import DatasetSpec, StudySpec
 from orchestrator.spec_errors import suggest
 from orchestrator.stages import execute_stage
 from orchestrator.store import ArtifactStore
@@ -36,7 +38,7 @@ def build_variants(ds: DatasetSpec, store: ArtifactStore, cpus: float = 1.0) -> 
     """Build (or reuse) every variant of one dataset spec; returns result dicts with `cached`."""
     out = []
     for p, s in ds.variants():
-        stage = dataset_stage(ds, p, s)
+        stage = dataset_stage(ds, p, s, ds.holdout(needed=False))  # a split only where the spec asks for one
         cached = store.is_complete("dataset", stage.key)
         if not cached:
             if store.manifest("dataset", stage.key) is not None:
@@ -73,3 +75,14 @@ def find_dataset(store: ArtifactStore, name: str) -> dict:
     result["counts"] = store.read_json("dataset", result["key"], "counts.json")
     result["grid_path"] = str(store.path("dataset", result["key"], "dataset_grid.png"))
     return result
+
+
+def missing_data(spec: StudySpec) -> list[str]:
+    """One line per dataset whose source is not on this machine (validation reads no data; submit would
+    download it, or stop naming it when downloads are off)."""
+    out = []
+    for i, ds in enumerate(spec.datasets):
+        if not stored_locally(ds.source, ds.data_root):
+            then = "submit stops naming it (DDRAY_OFFLINE)" if not downloads_allowed() else "submit downloads it"
+            out.append(f"needs data: datasets[{i}] ({ds.name}) needs {ds.source}, not stored on this machine; {then}")
+    return out

@@ -77,7 +77,7 @@ def external_study(spec, synthetic: Path, dataset: str | None, protocol: str | N
                         f"(it has {', '.join(f'p={p:g} s={s}' for p, s in ds.variants())})")
     graph = StageGraph()
     for ratio, sev in variants:
-        target = graph.add(dataset_stage(ds, ratio, sev))
+        target = graph.add(dataset_stage(ds, ratio, sev, ds.holdout(study.needs_holdout)))
         config = ExternalConfig(sha256=sha, name=label, space=space, ipc=ipc)
         coords = {**target.coords, "method": f"external:{label}", "ipc": ipc, "guidance": "none",
                   "iterations": None, "lr_img": None, "options": None, "distill_seed": 0}

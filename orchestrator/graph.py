@@ -3,6 +3,7 @@
 dataset build -> PTM training (architecture x seed, per pool variant)
              -> distillation (variant x method x IPC x iterations x lr x guidance x options x seed),
                 or a search around it when `distillation.search` has fields for that setting
+                (a guidance entry with `methods` / `ipc` only at those methods and IPCs)
              -> evaluation (synthetic set x architecture)
 
 Each stage's config is one distill_core config (`DatasetConfig`, `PTMConfig`,
@@ -31,13 +32,14 @@ from distill_core.methods.registry import dsa_strategy, evaluation_augment, refe
 from distill_core.ptm import PTMConfig, recipe
 from orchestrator.errors import UserError
 from orchestrator.external import ExternalConfig
+from orchestrator.findings import unmatched_filters
 from orchestrator.search_space import SearchConfig, max_iterations
 from orchestrator.spec import DatasetSpec, GuidanceSpec, PTMPoolSpec, StudySpec
 from orchestrator.spec_checks import option_grid, option_points
 from orchestrator.spec_search import applies
 
 # Bump a kind's version when its code changes what it produces.
-STAGE_VERSIONS = {"dataset": 3, "ptm": 2, "distill": 2, "search": 1, "external": 1, "evaluate": 3}
+STAGE_VERSIONS = {"dataset": 4, "ptm": 3, "distill": 2, "search": 1, "external": 1, "evaluate": 4}
 STAGE_KINDS = tuple(STAGE_VERSIONS)
 CONFIGS = {"dataset": DatasetConfig, "ptm": PTMConfig, "distill": DistillConfig, "search": SearchConfig,
            "external": ExternalConfig, "evaluate": EvalConfig}
@@ -112,11 +114,12 @@ class StageGraph:
 
 # --- stages of each kind -------------------------------------------------------------------------
 
-def dataset_stage(ds: DatasetSpec, ratio: float, severity: int) -> Stage:
-    shared = ds.model_dump(include=set(DatasetConfig.model_fields))
-    config = DatasetConfig(**shared, aligned_ratio=ratio, severity=severity)
+def dataset_stage(ds: DatasetSpec, ratio: float, severity: int, holdout: float) -> Stage:
+    shared = ds.model_dump(include=set(DatasetConfig.model_fields) - {"val_fraction"})
+    config = DatasetConfig(**shared, aligned_ratio=ratio, severity=severity, val_fraction=holdout)
     coords = {"dataset": ds.name, "source": ds.source, "aligned_ratio": ratio if ds.bias != "none" else None,
-              "severity": severity if ds.bias != "none" else None}
+              "severity": severity if ds.bias != "none" else None,
+              "val_split": (ds.val_split if ds.bias != "none" else "biased") if holdout > 0 else None}
     label = ds.name if ds.bias == "none" else f"{ds.name}[p={ratio:g},s={severity}]"
     return Stage("dataset", config.to_dict(), {}, label, coords, runtime={"data_root": ds.data_root})
 
@@ -142,9 +145,10 @@ def evaluation_stages(spec: StudySpec, method: Method, distill: Stage, target: S
         protocol = method.protocol(SOURCES[source], arch.name)
         config = EvalConfig(arch=arch.name, arch_options=arch.options, epochs=e.epochs or protocol.epochs,
                             lr=e.lr, batch_size=e.batch_size, checkpoints=e.checkpoints, repeats=e.repeats,
-                            augment=evaluation_augment(e.augmentation, protocol, SOURCES[source]), seed=spec.seed)
+                            augment=evaluation_augment(e.augmentation, protocol, SOURCES[source]), seed=spec.seed,
+                            selection=e.selection)
         coords = {**distill.coords, "eval_arch": arch.label,
-                  "eval_protocol": f"{config.augment or 'none'}/{config.epochs}ep"}
+                  "eval_protocol": f"{config.augment or 'none'}/{config.epochs}ep", "selection": e.selection}
         out.append(Stage("evaluate", config.to_dict(), {"synthetic": distill.key, "dataset": target.key},
                          f"eval {arch.label} <- {distill.label}", coords))
     return out
@@ -156,7 +160,8 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
     graph = StageGraph(max_stages=max_stages)
     # PTM-source-only datasets (distill: false) enter the graph only when a pool uses them
     variants: dict[str, list[Stage]] = {
-        ds.name: [dataset_stage(ds, p, s) for p, s in ds.variants()] for ds in spec.datasets}
+        ds.name: [dataset_stage(ds, p, s, ds.holdout(spec.needs_holdout)) for p, s in ds.variants()]
+        for ds in spec.datasets}
     targets = [graph.add(v) for ds in spec.datasets if ds.distill for v in variants[ds.name]]
     pools = {p.name: p for p in spec.ptm_pools}
 
@@ -190,6 +195,8 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
             else:  # coreset baselines: no iterations, no lr, no guidance, no options
                 grid = [(0, 0.0, GuidanceSpec(), {})]
             for (iters, lr, guide, options), seed in product(grid, d.seeds):
+                if not guide.applies(name, ipc):
+                    continue  # an entry restricted to other methods / IPCs (e.g. a published alpha's cells)
                 inputs: Inputs = {"dataset": target.key}
                 guidance = None
                 if guide.kind != "none":
@@ -213,7 +220,18 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
                     graph.add(stage)
         if spec.evaluation.random_baseline:
             random_baseline_stages(graph, spec, target)
+    check_claims(spec, graph)
     return graph
+
+
+def check_claims(spec: StudySpec, graph: StageGraph) -> None:
+    """Every claim's groups select evaluations of the study (a misspelt label would test nothing)."""
+    if not spec.findings:
+        return
+    coords = [s.coords for s in graph.of_kind("evaluate")]
+    problems = [f"findings[{i}].{p}" for i, claim in enumerate(spec.findings) for p in unmatched_filters(claim, coords)]
+    if problems:
+        raise UserError(*problems)
 
 
 def random_baseline_stages(graph: StageGraph, spec: StudySpec, target: Stage) -> None:

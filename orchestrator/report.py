@@ -26,7 +26,8 @@ import math
 from pathlib import Path
 
 from orchestrator.figures import png, pyplot
-from orchestrator.studies import DONE, RESULT_KEYS, ROW_EXTRAS, study_results
+from orchestrator.findings import safe_name
+from orchestrator.studies import DONE, RESULT_KEYS, ROW_EXTRAS, study_findings, study_results
 
 ACROSS = ("aligned_ratio", "severity", "guidance")  # what a table spreads along the top when it varies
 PERCENT = 100.0
@@ -205,14 +206,50 @@ def _html_table(t: dict) -> str:
     return f"<h3>{html.escape(t['title'])}</h3><table><tr>{head}</tr>{body}</table>"
 
 
+def findings_table(findings: list[dict]) -> dict:
+    body = [[f["id"], f["verdict"], "-" if f["effect"] is None else f"{f['effect']:+.1f}",
+             "-" if f["ci95"] is None else f"[{f['ci95'][0]:+.1f}, {f['ci95'][1]:+.1f}]", str(f["n"]), f["statement"]]
+            for f in findings]
+    return {"title": "Findings (effect in accuracy points: a - b, or a trend's fitted change; 95% bootstrap "
+                     "interval over distillation seeds x networks)",
+            "header": ["claim", "verdict", "effect", "95% CI", "n", "statement"], "body": body}
+
+
+def plot_finding(f: dict) -> bytes | None:
+    """A claim's groups (a comparison) or levels (a trend) in points, titled with its verdict and interval."""
+    means = f.get("levels") or f.get("groups")
+    if not means:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    names, vals = list(means), list(means.values())
+    if "levels" in f:
+        ax.plot(range(len(vals)), vals, marker="o")
+        ax.set_xticks(range(len(vals)), names)
+    else:
+        ax.bar(range(len(vals)), vals, color=["tab:blue"] * (len(vals) - 1) + ["tab:gray"])
+        ax.set_xticks(range(len(vals)), names, fontsize=7)
+        ax.set_ylim(min(vals) - 5, max(vals) + 3)
+    ax.set(ylabel=f"{f['metric']} % (mean over cells)")
+    ci = "" if f["ci95"] is None else f" {f['effect']:+.1f} [{f['ci95'][0]:+.1f}, {f['ci95'][1]:+.1f}]"
+    ax.set_title(f"{f['id']}: {f['verdict']}{ci}", fontsize=9)
+    return png(fig)
+
+
+def finding_plot_name(finding_id: str) -> str:
+    return f"finding_{safe_name(finding_id)}.png"
+
+
 def build_report(store, record: dict, out: Path) -> dict:
     """Write report.md, report.html and the plots under `out`; return what was written and the rows."""
     out.mkdir(parents=True, exist_ok=True)
     rows = study_results(store, record)
-    tables = [*paper_tables(rows), flat_table(rows)]
-    plots = {"accuracy_vs_aligned_ratio.png": plot_ratio(rows), "aligned_vs_conflicting.png": plot_bias_gap(rows),
-             "cross_architecture.png": plot_cross_arch(rows), "ptm_guidance.png": plot_guidance(rows),
-             "distillation_curves.png": plot_curves(store, record)}
+    findings = study_findings(store, record)
+    tables = [*([findings_table(findings)] if findings else []), *paper_tables(rows), flat_table(rows)]
+    plots = {finding_plot_name(f["id"]): plot_finding(f) for f in findings}
+    plots |= {"accuracy_vs_aligned_ratio.png": plot_ratio(rows), "aligned_vs_conflicting.png": plot_bias_gap(rows),
+              "cross_architecture.png": plot_cross_arch(rows), "ptm_guidance.png": plot_guidance(rows),
+              "distillation_curves.png": plot_curves(store, record)}
     plots = {name: data for name, data in plots.items() if data is not None}
     for name, data in plots.items():
         (out / name).write_bytes(data)
@@ -226,7 +263,9 @@ def build_report(store, record: dict, out: Path) -> dict:
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
                                      f"</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
                                      f"{body}</body></html>")
-    return {"files": ["report.md", "report.html", *plots], "rows": rows, "tables": tables}
+    (out / "findings.json").write_text(json.dumps({"findings": findings}, indent=1))
+    return {"files": ["report.md", "report.html", "findings.json", *plots], "rows": rows, "tables": tables,
+            "findings": findings}
 
 
 # --- compare ------------------------------------------------------------------------------------
@@ -264,6 +303,7 @@ def log_report(record: dict, out: Path, files: list[str]) -> str | None:
         tracker.check()
         for name in files:
             tracker.client.log_artifact(record["parent_run_id"], str(out / name), "report")
+        tracker.log_findings(record["parent_run_id"], json.loads((out / "findings.json").read_text())["findings"])
     except Exception as exc:  # the report is written either way; tracking is best-effort
         return redact_text(_reason(exc), record.get("tracking_uri", ""))
     return None

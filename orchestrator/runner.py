@@ -34,7 +34,7 @@ from orchestrator.spec import StudySpec
 from orchestrator.object_store import open_leases, open_store
 from orchestrator.paths import absolute_sqlite
 from orchestrator.store import ArtifactStore
-from orchestrator.studies import DONE, HEARTBEAT_S, StudyLog, load_record, study_results
+from orchestrator.studies import DONE, HEARTBEAT_S, StudyLog, load_record, study_findings, study_results
 from orchestrator.tracking import Tracker, check_uri, redact
 from orchestrator.tracking_session import NoTracking, TrackingSession, fully_tracked
 
@@ -52,6 +52,7 @@ class StudyOutcome:
     attempts: dict[str, int] = field(default_factory=dict)  # stages that took more than one execution
     tracking: dict = field(default_factory=dict)
     searches: list[dict] = field(default_factory=list)  # one per search stage run or reused
+    findings: list[dict] = field(default_factory=list)  # the spec's claims tested on the results
 
     def summary(self) -> dict:
         c = self.counts
@@ -61,6 +62,9 @@ class StudyOutcome:
                "retried": self.attempts, "not_logged": self.tracking.get("not_logged", 0)}
         if self.searches:
             out["search"] = self.searches
+        if self.findings:
+            out["findings"] = {v: sum(f["verdict"] == v for f in self.findings)
+                               for v in ("holds", "contradicted", "inconclusive")}
         return out
 
 
@@ -119,9 +123,12 @@ def check_data(spec: StudySpec, graph: StageGraph, cached: set[str]) -> None:
     for i, ds in enumerate(spec.datasets):
         if ds.name in needed:
             try:
-                load_source(ds.source, root=ds.data_root)
+                source = load_source(ds.source, root=ds.data_root)
             except DatasetUnavailable as exc:
                 raise UserError(f"datasets[{i}].source: {exc}") from None
+            if ds.num_classes is not None and source.num_classes != ds.num_classes:  # imagefolder's declaration
+                raise UserError(f"datasets[{i}].num_classes: {ds.num_classes} declared but {ds.data_root} has "
+                                f"{source.num_classes} class folders")
 
 
 @contextmanager
@@ -272,6 +279,13 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
             leases.release_all()
             raise
         counts = log.counts()
+        findings = study_findings(store, load_record(store, study_id)) if spec.findings else []
+        if findings and tracker is not None and parent is not None:
+            try:  # best-effort, as all tracking: the store holds what the findings are computed from
+                tracker.log_findings(parent, findings)
+            except Exception as exc:
+                emit({"type": "warning", "message": f"tracking: findings not logged ({type(exc).__name__}); "
+                                                    f"`ddray study report {study_id}` logs them again"})
         tracked = tracking.close(state, counts)
         if state == "succeeded" and not tracked["not_logged"]:
             tracking.remember_complete(graph.stages)
@@ -284,7 +298,7 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
     attempts = {graph.stages[k].label: n for k, n in ((k, store.attempts(k)) for k, st in log.states.items()
                                                        if st == "executed") if n > 1}
     outcome = StudyOutcome(study_id, state, counts, parent, study_results(store, load_record(store, study_id)),
-                           dict(log.errors), attempts, tracked, search_summaries(store, graph, log.states))
+                           dict(log.errors), attempts, tracked, search_summaries(store, graph, log.states), findings)
     emit({"type": "end", **outcome.summary()})
     return outcome
 
@@ -292,7 +306,8 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
 # --- sync and cancel ----------------------------------------------------------------------------
 
 def sync_study(store: ArtifactStore, study_id: str, tracking_uri: str | None = None) -> dict:
-    """Log every finished stage of a study that has no FINISHED run, and finish the parent run."""
+    """Log every finished stage of a study that has no FINISHED run, the spec's findings, and finish the
+    parent run."""
     record = load_record(store, study_id)
     study_id = record["study_id"]
     uri = absolute_sqlite(tracking_uri, Path.cwd()) if tracking_uri else record["tracking_uri"]
@@ -309,6 +324,9 @@ def sync_study(store: ArtifactStore, study_id: str, tracking_uri: str | None = N
     done = {k: st["kind"] for k, st in record["stages"].items() if st["state"] in ("executed", "cached", "reused")}
     already = len(session.finished & set(done))
     session.log_stored(done)
+    findings = study_findings(store, record)
+    if findings:
+        tracker.log_findings(parent, findings)
     summary = session.close(None if record["state"] == "running" else record["state"], record["counts"])
     leases.release_all()
     return {"study_id": study_id, "parent_run_id": parent, "already_logged": already,

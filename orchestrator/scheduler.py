@@ -93,6 +93,7 @@ class Scheduler:
                 self._ready(k)
         self.blocked: set[str] = set()  # leased by another live driver
         self.started: dict[str, float] = {}  # running stages: when submitted (timeouts, pending warnings)
+        self.progress_at = time.time()  # when a stage last finished: a queue that moves is no cause to warn
         self.submitted: dict[str, float] = {}  # for each stage's queue time
         self.warned: set[str] = set()
         self.timed_out: set[str] = set()
@@ -145,6 +146,7 @@ class Scheduler:
     def _finished(self, key: str, result) -> None:
         stage = self.graph.stages[key]
         self.started.pop(key, None)
+        self.progress_at = time.time()
         attempts = self.store.attempts(key)
         submitted = self.submitted.pop(key, None)
         if not isinstance(result, BaseException):
@@ -194,7 +196,9 @@ class Scheduler:
             if res.timeout_s and now - t0 > res.timeout_s and key not in self.timed_out:
                 self.timed_out.add(key)
                 self.executor.cancel(key)
-            if key not in self.warned and now - t0 > res.pending_warning_s and not self.store.attempts(key):
+            # waiting behind the study's own stages while they finish is a queue, not a missing node
+            stalled = now - max(t0, self.progress_at) > res.pending_warning_s
+            if key not in self.warned and stalled and not self.store.attempts(key):
                 self.warned.add(key)
                 self.emit({"type": "warning", "message": f"{self.graph.stages[key].label} has waited {now - t0:.0f} s "
                                                          f"to start: {self.executor.why_pending(res)}"})

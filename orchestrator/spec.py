@@ -4,7 +4,8 @@ Unknown keys are rejected everywhere, numbers must be finite and within
 stated bounds. Lists are grids: every combination of dataset variant
 (aligned ratio x severity), method, IPC, learning rate, iteration count,
 guidance setting, method option value and distillation seed becomes one
-distillation stage; every (synthetic set x evaluation architecture) becomes
+distillation stage (a guidance entry restricted by its `methods` / `ipc`
+only at those); every (synthetic set x evaluation architecture) becomes
 one evaluation stage. What each method is (defaults, options, evaluation
 protocol, inputs) comes from `distill_core.methods`'s registry: nothing here
 names a method. Problems come back as one line each, naming the field path
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_serializer, model_validator
 
 from distill_core.data.colored import SEVERITY_SIGMA
 from distill_core.data.sources import SOURCES
@@ -28,6 +29,7 @@ from distill_core.methods import METHODS
 from distill_core.networks import ARCHITECTURES
 from distill_core.runtime import Runtime
 from orchestrator.errors import UserError
+from orchestrator.findings import ClaimSpec
 from orchestrator.paths import anchor_spec_paths
 from orchestrator.spec_base import Strict, as_list
 from orchestrator.spec_errors import Problem, problems_from, suggest
@@ -97,15 +99,40 @@ class DatasetSpec(Strict):
     aligned_ratios: Grid(Annotated[float, Field(ge=0.0, le=1.0)]) = [0.95]
     severities: Grid(Literal[tuple(SEVERITY_SIGMA)]) = [1]
     max_per_class: int | None = Field(default=None, ge=1, le=10**7)
-    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # the share of train held out for validation; None: 0.1 when the study needs a held-out split
+    # (evaluation.selection: val, or a search's proxy), else 0 (as upstream: distil from the whole split)
+    val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
+    # biased data: a held-out split as biased as training, or balanced over (class, attribute) groups
+    val_split: Literal["biased", "balanced"] = "biased"
     data_root: str | None = Field(default=None, max_length=1000)
     seed: Seed = 0
     zca: bool = False  # ZCA whitening (MTT's CIFAR setting) instead of per-channel standardisation
     distill: bool = True  # false: only a PTM source (e.g. CIFAR-100 PTMs guiding CIFAR-10)
+    # the source's images resized to image_size and converted to `channels` (grey -> RGB by replication,
+    # RGB -> grey by luma) before the bias builder: a PTM source of another shape than the targets (MNIST
+    # PTMs for 3x32x32 CIFAR-10). None: the source's own. Source imagefolder declares both sizes here.
+    image_size: int | None = Field(default=None, ge=1, le=4096)
+    channels: Literal[1, 3] | None = None
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)  # declared by source imagefolder only
 
     @model_validator(mode="after")
     def bias_fits_source(self) -> "DatasetSpec":
-        grey = SOURCES[self.source].grayscale
+        src = SOURCES[self.source]
+        if src.image_size is None or src.num_classes is None:  # a local folder: validation reads nothing
+            missing = [f for f in ("data_root", "image_size", "num_classes") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"source '{self.source}' needs {', '.join(missing)} (the folder, the image "
+                                 "size to read it at, and its number of class folders)")
+        elif self.num_classes is not None:
+            raise ValueError(f"num_classes: only source imagefolder declares it ('{self.source}' has "
+                             f"{src.num_classes} classes)")
+        if self.channels is not None and self.channels != src.channels:
+            if self.bias == "colored" and self.channels == 3:
+                raise ValueError("bias 'colored' colours grey images: leave channels unset (or 1)")
+            if self.bias == "corrupted" and self.channels == 1:
+                raise ValueError("bias 'corrupted' corrupts RGB images: leave channels unset (or 3)")
+            return self  # converted to the channels the bias builder takes
+        grey = src.grayscale
         if self.bias == "colored" and not grey:
             names = ", ".join(sorted(n for n, s in SOURCES.items() if s.grayscale))
             raise ValueError(f"bias 'colored' needs a grayscale source ({names})")
@@ -113,6 +140,12 @@ class DatasetSpec(Strict):
             names = ", ".join(sorted(n for n, s in SOURCES.items() if not s.grayscale))
             raise ValueError(f"bias 'corrupted' needs an RGB source ({names})")
         return self
+
+    def holdout(self, needed: bool) -> float:
+        """The share of train held out: as set, else 0.1 where the study needs a held-out split, else 0."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.1 if needed else 0.0
 
     def variants(self) -> list[tuple[float, int]]:
         if self.bias == "none":
@@ -140,17 +173,34 @@ class PTMPoolSpec(Strict):
         return self.epochs or {"ptm": 150, "expert": 50}[self.recipe]
 
 
+RESTRICTIONS = ("methods", "ipc")  # GuidanceSpec fields saying where an entry runs
+
+
 class GuidanceSpec(Strict):
     kind: Literal["none", "clom", "cclom"] = "none"
     pool: str | None = None
     alpha: Annotated[float, Field(ge=0, le=1e9)] | dict[str, Annotated[float, Field(ge=0, le=1e9)]] = 1.0
     checkpoint_epochs: list[Epochs] | None = None  # which kept checkpoints to sample; None = the final one
     real_batch: int = Field(default=8196, ge=1, le=1_000_000)
+    # where the entry runs: the study's methods and IPCs it is crossed with (None: every one), e.g. a
+    # published alpha at its own (method, IPC) cells only; not part of the guidance itself (nor its label)
+    methods: Grid(MethodName) | None = None
+    ipc: Grid(Annotated[int, Field(ge=1, le=100_000)]) | None = None
 
     @model_validator(mode="before")
     @classmethod
     def from_string(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _unrestricted_as_before(self, handler) -> dict:
+        """An unset restriction is left out, so an unrestricted entry (and the study id) dumps as it did."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in RESTRICTIONS and v is None)}
+
+    def applies(self, method: str, ipc: int) -> bool:
+        """Whether the entry runs at a (method, IPC) cell of the study."""
+        return (self.methods is None or method in self.methods) and (self.ipc is None or ipc in self.ipc)
 
     @model_validator(mode="after")
     def pool_when_guided(self) -> "GuidanceSpec":
@@ -197,6 +247,9 @@ class EvaluationSpec(Strict):
     lr: float | None = Field(default=None, gt=0, le=100)  # None: 0.01, or MTT's learned lr
     batch_size: int = Field(default=256, ge=1, le=100_000)
     checkpoints: int = Field(default=10, ge=1, le=10_000)  # validation checks over training
+    # the reported checkpoint: last (the final epoch, as upstream) or val (best on the held-out split);
+    # rows carry both (acc_last, acc_val_selected) whenever a held-out split exists
+    selection: Literal["last", "val"] = "last"
     # a random real subset at each IPC, evaluated with each method's protocol: rows get acc_random and ior
     random_baseline: bool = True
 
@@ -257,12 +310,20 @@ class StudySpec(Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    findings: list[ClaimSpec] = Field(default_factory=list, max_length=MAX_GRID)  # claims over result rows
+
+    @property
+    def needs_holdout(self) -> bool:
+        """Whether any stage reads a held-out validation split: val selection, or a search's proxy."""
+        return self.evaluation.selection == "val" or self.distillation.search is not None
 
     def spec_hash(self) -> str:
         """Hash of what the study computes: not how or where (resources, runtime, tracking, store,
-        and where a dataset's raw files are read from)."""
+        and where a dataset's raw files are read from), nor the claims it is read against (`findings`: a claim
+        added to a finished study is tested on the same study)."""
         science = self.model_dump(mode="json", exclude={"resources": True, "runtime": True, "tracking": True,
-                                                        "store": True, "datasets": {"__all__": {"data_root"}}})
+                                                        "store": True, "findings": True,
+                                                        "datasets": {"__all__": {"data_root"}}})
         return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()
 
     @property

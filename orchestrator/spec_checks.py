@@ -5,13 +5,17 @@
 - each method's options are valid grids of its own typed options model;
 - every architecture can be built for the images it will see (on the meta
   device: a ResNet with `width`, a ConvNet too deep for 28x28 are refused here,
-  not in a worker), guidance PTMs see the targets' image shape, CLoM's PTMs
-  predict the targets' classes, an alpha mapping covers its pool;
+  not in a worker), guidance PTMs see the targets' image shape (after a
+  source's `image_size` / `channels` adaptation), CLoM's PTMs predict the
+  targets' classes, an alpha mapping covers its pool;
+- a guidance entry's `methods` / `ipc` restriction names methods and IPCs of
+  the study and leaves it somewhere to run;
 - augmentation names parse.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from itertools import product
 from typing import Annotated, Any
@@ -19,6 +23,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, ValidationError, create_model
 
 from distill_core.augment import SiameseAugment
+from distill_core.data.biased import DatasetConfig
 from distill_core.data.sources import SOURCES
 from distill_core.guidance import missing_alpha
 from distill_core.methods import METHODS, EvalProtocol, Options
@@ -30,7 +35,16 @@ from orchestrator.spec_search import check_search
 
 
 def check_spec(spec: StudySpec) -> list[Problem]:
-    return [*_references(spec), *_options(spec), *_augmentations(spec), *_networks(spec), *check_search(spec)]
+    return [*_references(spec), *_restrictions(spec), *_options(spec), *_augmentations(spec), *_networks(spec),
+            *check_search(spec), *_holdout(spec)]
+
+
+def _holdout(spec: StudySpec) -> list[Problem]:
+    """A held-out split set to 0 where the study reads one (val selection, a search's proxy)."""
+    why = "evaluation.selection 'val'" if spec.evaluation.selection == "val" else "distillation.search's proxy"
+    return [Problem(("datasets", i, "val_fraction"), f"is 0, but {why} needs a held-out split (leave it unset "
+                    "for 0.1)") for i, ds in enumerate(spec.datasets)
+            if ds.distill and spec.needs_holdout and ds.val_fraction == 0]
 
 
 # --- method options ---------------------------------------------------------------------------------
@@ -79,6 +93,32 @@ def _options(spec: StudySpec) -> list[Problem]:
     return out
 
 
+# --- where guidance entries run -----------------------------------------------------------------
+
+def _restrictions(spec: StudySpec) -> list[Problem]:
+    """A guidance entry's `methods` / `ipc` name methods and IPCs of the study, and leave it a cell to run at."""
+    d = spec.distillation
+    guided = [m for m in d.methods if METHODS[m].optimises_images]  # coreset baselines take no guidance
+    out: list[Problem] = []
+    for i, g in enumerate(d.guidance):
+        loc = ("distillation", "guidance", i)
+        for m in g.methods or []:
+            if m not in d.methods:
+                out.append(Problem((*loc, "methods"), f"'{m}' is not a method of the study (its methods: "
+                                                      f"{', '.join(d.methods)})"))
+            elif m not in guided:
+                out.append(Problem((*loc, "methods"), f"'{m}' takes no guidance (it distils no images)"))
+        for ipc in g.ipc or []:
+            if ipc not in d.ipc:
+                out.append(Problem((*loc, "ipc"), f"{ipc} is not an IPC of the study (its IPCs: "
+                                                  f"{', '.join(map(str, d.ipc))})"))
+        restricted = g.methods is not None or g.ipc is not None
+        if restricted and not any(g.applies(m, ipc) for m in guided for ipc in d.ipc):
+            out.append(Problem(loc, "applies to no (method, IPC) of the study, so it never runs (methods taking "
+                                    f"guidance: {', '.join(guided) or 'none'}; IPCs: {', '.join(map(str, d.ipc))})"))
+    return out
+
+
 # --- references ---------------------------------------------------------------------------------
 
 def _references(spec: StudySpec) -> list[Problem]:
@@ -91,6 +131,16 @@ def _references(spec: StudySpec) -> list[Problem]:
         out.append(Problem(("ptm_pools",), "names must be unique"))
     if not any(d.distill for d in spec.datasets):
         out.append(Problem(("datasets",), "at least one dataset must have distill: true"))
+    folders: dict[str, int] = {}
+    for i, ds in enumerate(spec.datasets):
+        if SOURCES[ds.source].num_classes is not None:
+            continue
+        # a local folder (imagefolder) is named only by data_root, which is not part of a stage's key
+        same = json.dumps(ds.model_dump(include=set(DatasetConfig.model_fields), mode="json"), sort_keys=True)
+        j = folders.setdefault(same, i)
+        if j != i and spec.datasets[j].data_root != ds.data_root:
+            out.append(Problem(("datasets", i), f"the same settings as datasets[{j}] on another data_root: a "
+                                                "stage's key does not include data_root, so both would be one stage"))
     for i, pool in enumerate(spec.ptm_pools):
         loc = ("ptm_pools", i)
         ds = datasets.get(pool.dataset)
@@ -144,8 +194,7 @@ def _references(spec: StudySpec) -> list[Problem]:
         if want != {have}:
             out.append(Problem(loc, f"pool '{pool.name}' sees {_shape(have)} images but the targets are "
                                     + ", ".join(_shape(w) for w in sorted(want))))
-        if g.kind == "clom" and any(SOURCES[t.source].num_classes != SOURCES[source.source].num_classes
-                                    for t in targets):
+        if g.kind == "clom" and any(num_classes(t) != num_classes(source) for t in targets):
             out.append(Problem(loc, f"CLoM needs a PTM with the target's classes; use cclom for pool '{pool.name}'"))
 
     needing = [m for m in d.methods if METHODS[m].needs_experts]
@@ -165,9 +214,16 @@ def _references(spec: StudySpec) -> list[Problem]:
 
 
 def geometry(ds: DatasetSpec) -> tuple[int, int]:
-    """(channels, image size) of a dataset's images after its bias builder (colouring makes 3 channels)."""
+    """(channels, image size) of a dataset's images after its adaptation (`image_size`, `channels`) and its
+    bias builder (colouring makes 3 channels)."""
     src = SOURCES[ds.source]
-    return (3 if ds.bias == "colored" else src.channels), src.image_size
+    channels = 3 if ds.bias == "colored" else (ds.channels or src.channels)
+    return channels, ds.image_size or src.image_size
+
+
+def num_classes(ds: DatasetSpec) -> int:
+    """A dataset's classes: its source's, or what an imagefolder dataset declares."""
+    return ds.num_classes or SOURCES[ds.source].num_classes
 
 
 def _shape(g: tuple[int, int]) -> str:
@@ -212,7 +268,7 @@ def _networks(spec: StudySpec) -> list[Problem]:
             out += [Problem((*loc, o), m) for o, m in zip(unknown, unknown_options(arch.name, arch.options))]
             continue
         channels, size = geometry(ds)
-        classes = SOURCES[ds.source].num_classes
+        classes = num_classes(ds)
         key = (arch.name, tuple(sorted(arch.options.items())), channels, size, classes)
         if key not in seen:
             seen[key] = check_network(arch.name, arch.options, channels, classes, size)

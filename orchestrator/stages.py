@@ -28,7 +28,7 @@ from distill_core.evaluation import evaluate_synthetic
 from distill_core.guidance import GuidanceConfig, PTMGuidance, PTMPool
 from distill_core.methods import RealData, SyntheticSet, get_method
 from distill_core.networks import build_network
-from distill_core.ptm import train_ptm
+from distill_core.ptm import accuracy, train_ptm
 from distill_core.runtime import Runtime
 from distill_core.sets import external_set
 from distill_core.utils import set_threads
@@ -150,14 +150,20 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     ds = load_dataset(store, stage.inputs["dataset"])
     real = RealData.from_dataset(ds, runtime.torch_device)
     val_x, val_y = ds.val_split()
-    val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device))
+    val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device)) if len(val_y) else None
     result = train_ptm(real, cfg, val=val, runtime=runtime,
                        progress=lambda epoch, r: log.info("epoch %d/%d %s", epoch, cfg.epochs, _fmt(r)))
     flat = {f"{epoch}/{name}": t for epoch, sd in result.checkpoints.items() for name, t in sd.items()}
     last = result.history[-1]
     files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": json_bytes(result.history)}
-    return finish_stage(store, stage, files, {"train_acc": last["train_acc"], "val_acc": last.get("val_acc"),
-                                         "train_loss": last["train_loss"]},
+    metrics = {k: last[k] for k in ("train_acc", "val_acc", "train_loss") if k in last}
+    # how good a teacher it is: its last kept checkpoint's accuracy on the test set (bias-conflicting if biased)
+    final = build_network(cfg.arch, real.shape[0], real.num_classes, real.shape[-1], **cfg.arch_options)
+    final.load_state_dict(result.checkpoints[max(result.checkpoints)])
+    metrics["test_acc"] = accuracy(final.to(real.device), real.norm.apply(ds.test_images).to(real.device),
+                                   ds.test_labels.to(real.device))
+    log.info("test accuracy %.4f (epoch %d)", metrics["test_acc"], max(result.checkpoints))
+    return finish_stage(store, stage, files, metrics,
                    ["history.json"], {"epochs": sorted(result.checkpoints)}, started)
 
 
@@ -172,7 +178,8 @@ def load_checkpoints(store: ArtifactStore, key: str) -> dict[int, dict[str, torc
 
 # --- distillation -------------------------------------------------------------------------------
 
-def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: GuidanceConfig | None) -> PTMGuidance | None:
+def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: GuidanceConfig | None,
+                   seed: int) -> PTMGuidance | None:
     """The frozen PTM pool a distillation samples from: the chosen checkpoints of every input PTM."""
     if g is None:
         return None
@@ -186,7 +193,7 @@ def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: Guidan
             model = build_network(cfg["arch"], real.shape[0], ptm_classes, real.shape[-1], **cfg["arch_options"])
             model.load_state_dict(checkpoints[epoch])
             pool.add(ptm["coords"]["arch"], model.to(real.device))
-    return PTMGuidance(g, pool, real=real if g.kind == "cclom" else None)
+    return PTMGuidance(g, pool, real=real if g.kind == "cclom" else None, seed=seed)
 
 
 def synthetic_grid(syn: SyntheticSet, ipc: int) -> torch.Tensor:
@@ -203,7 +210,7 @@ def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     real = RealData.from_dataset(ds, runtime.torch_device)
     experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
     syn = get_method(cfg.method).distill(
-        real, cfg, runtime, guidance=build_guidance(store, stage, real, cfg.guidance), experts=experts or None,
+        real, cfg, runtime, guidance=build_guidance(store, stage, real, cfg.guidance, cfg.seed), experts=experts or None,
         progress=lambda it, r, _: log.info("iteration %d/%d %s", it + 1, cfg.iterations, _fmt(r)))
     history = syn.history
     metrics = {"n_images": len(syn.labels)}
@@ -246,16 +253,28 @@ def load_synthetic(store: ArtifactStore, key: str, ds: BiasedDataset) -> Synthet
 
 # --- evaluation ---------------------------------------------------------------------------------
 
+NETWORK_METRICS = ("acc", "acc_last", "acc_val_selected", "acc_unbiased", "acc_aligned", "acc_conflicting")
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Mean (and std of the accuracy) over evaluation networks; `accs` keeps every network's accuracy."""
+    """Means over evaluation networks (and the accuracy's std); `accs` and `networks` keep every network's
+    values (None where a network has none: no validation split, or no attribute)."""
+    def finite(v) -> float | None:
+        return float(v) if v is not None and math.isfinite(v) else None
+
+    networks = {name: [finite(r.get(name)) for r in runs] for name in NETWORK_METRICS}
+
     def stat(name, fn):
-        vals = np.array([r[name] for r in runs], dtype=float)
-        vals = vals[np.isfinite(vals)]
+        vals = np.array([v for v in networks[name] if v is not None], dtype=float)
         return float(fn(vals)) if len(vals) else math.nan
     out = {"acc_mean": stat("acc", np.mean), "acc_std": stat("acc", np.std), "n_repeats": len(runs),
-           "accs": [float(r["acc"]) for r in runs]}
-    for name in ("acc_unbiased", "acc_aligned", "acc_conflicting", "val_acc"):
+           "accs": [float(r["acc"]) for r in runs], "networks": networks, "selection": runs[0]["selection"]}
+    for name in ("acc_last", "acc_val_selected"):
+        out[f"{name}_mean"], out[f"{name}_std"] = stat(name, np.mean), stat(name, np.std)
+    for name in ("acc_unbiased", "acc_aligned", "acc_conflicting"):
         out[f"{name}_mean"] = stat(name, np.mean)
+    vals = np.array([r["val_acc"] for r in runs if r.get("val_acc") is not None], dtype=float)
+    out["val_acc_mean"] = float(vals.mean()) if len(vals) else math.nan
     return out
 
 
@@ -265,7 +284,9 @@ def run_evaluate(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     ds = load_dataset(store, stage.inputs["dataset"])
     syn = load_synthetic(store, stage.inputs["synthetic"], ds)
     runs = evaluate_synthetic(syn, ds, cfg, runtime, progress=lambda r, res: log.info(
-        "network %d/%d: acc %.4f at epoch %s (val %.4f)", r + 1, cfg.repeats, res["acc"], res["epoch"], res["val_acc"]))
+        "network %d/%d: acc %.4f at epoch %s (%s; last %.4f, val-selected %s)", r + 1, cfg.repeats, res["acc"],
+        res["epoch"], cfg.selection, res["acc_last"],
+        "-" if res["acc_val_selected"] is None else f"{res['acc_val_selected']:.4f}"))
     summary = summarise(runs)
     per_class = np.array([r["per_class"] for r in runs], dtype=float).mean(axis=0).tolist()
     files = {"repeats.json": json_bytes(runs), "per_class_accuracy.json": json_bytes(

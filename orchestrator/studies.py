@@ -25,6 +25,7 @@ from pathlib import Path
 
 from distill_core.methods.registry import reference_method
 from orchestrator.errors import UserError
+from orchestrator.findings import ClaimSpec, evaluate_findings, evaluation_of
 from orchestrator.leases import Owner
 from orchestrator.spec_errors import suggest
 from orchestrator.store import ArtifactStore, atomic_write_json
@@ -37,7 +38,7 @@ STUDY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 
 RESULT_KEYS = ("dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch")
 # coordinates that tell rows apart beyond RESULT_KEYS; the distillation seed is averaged over instead
-ROW_EXTRAS = ("iterations", "lr_img", "options", "eval_protocol")
+ROW_EXTRAS = ("iterations", "lr_img", "options", "eval_protocol", "selection", "val_split")
 
 
 class StudyLog:
@@ -238,6 +239,18 @@ def request_cancel(store: ArtifactStore, study_id: str) -> dict:
     return record
 
 
+def evaluation_results(store: ArtifactStore, record: dict) -> list[dict]:
+    """The stored results of the study's finished evaluation stages."""
+    return [store.read_json("evaluate", key, "result.json") for key, st in record["stages"].items()
+            if st["kind"] == "evaluate" and st["state"] in DONE]
+
+
+def study_findings(store: ArtifactStore, record: dict) -> list[dict]:
+    """The spec's claims (`findings:`) evaluated on the study's finished evaluations (`orchestrator.findings`)."""
+    claims = [ClaimSpec(**c) for c in (record.get("spec") or {}).get("findings") or []]
+    return evaluate_findings(claims, [evaluation_of(r) for r in evaluation_results(store, record)]) if claims else []
+
+
 def study_results(store: ArtifactStore, record: dict) -> list[dict]:
     """One row per evaluated setting: grid coordinates and accuracy over distillation seeds x networks.
 
@@ -247,10 +260,7 @@ def study_results(store: ArtifactStore, record: dict) -> list[dict]:
     `n_distillations` and `n_repeats` (networks per distillation).
     """
     groups: dict[str, list[dict]] = {}
-    for key, st in record["stages"].items():
-        if st["kind"] != "evaluate" or st["state"] not in DONE:
-            continue
-        result = store.read_json("evaluate", key, "result.json")
+    for result in evaluation_results(store, record):
         coords = result["coords"]
         row_key = json.dumps([coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)], sort_keys=True, default=str)
         groups.setdefault(row_key, []).append(result)
@@ -292,17 +302,31 @@ def scored(rows: list[dict]) -> list[dict]:
 def _row(results: list[dict]) -> dict:
     coords = results[0]["coords"]
     summaries = [r["summary"] for r in results]
-    accs = [a for s in summaries for a in s["accs"]]
 
     def mean_of(name: str) -> float | None:
         vals = [s[name] for s in summaries if s.get(name) is not None and math.isfinite(s[name])]
         return sum(vals) / len(vals) if vals else None
 
+    def over_networks(name: str) -> tuple[float | None, float | None]:
+        """Mean and std over every network of every distillation."""
+        vals = [v for s in summaries for v in (s.get("networks") or {}).get(name) or [] if v is not None]
+        if not vals:
+            return None, None
+        mean = sum(vals) / len(vals)
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+
     row = {k: coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)}
     row["reference"] = coords.get("reference")  # a baseline the study added: scores rows, is not one
+    accs = [a for s in summaries for a in s["accs"]]
+    per_distillation = [sum(s["accs"]) / len(s["accs"]) for s in summaries]
     mean = sum(accs) / len(accs)
+    between = sum(per_distillation) / len(per_distillation)
+    (last, last_std), (val, val_std) = over_networks("acc_last"), over_networks("acc_val_selected")
     row.update({
         "acc_mean": mean, "acc_std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs)),
+        # the spread of the per-distillation means: how much a new distillation moves the result
+        "acc_std_distill": math.sqrt(sum((m - between) ** 2 for m in per_distillation) / len(per_distillation)),
+        "acc_last": last, "acc_last_std": last_std, "acc_val_selected": val, "acc_val_selected_std": val_std,
         "acc_unbiased": mean_of("acc_unbiased_mean"), "acc_aligned": mean_of("acc_aligned_mean"),
         "acc_conflicting": mean_of("acc_conflicting_mean"),
         "n_distillations": len(results), "n_repeats": summaries[0]["n_repeats"],

@@ -265,6 +265,23 @@ class Tracker:
             self.client.log_batch(run_id, metrics=m, params=p, tags=t)
             metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
 
+    def log_findings(self, run_id: str, findings: list[dict]) -> None:
+        """Each claim on the study's parent run: `finding/<id>/effect|ci_lo|ci_hi|n` metrics (accuracy points)
+        and a `finding.<id>` tag holding its verdict."""
+        from mlflow.entities import Metric, RunTag
+
+        from orchestrator.findings import safe_name
+
+        now = int(time.time() * 1000)
+        metrics, tags = [], []
+        for f in findings:
+            name = safe_name(f["id"])
+            tags.append(RunTag(f"finding.{name}", f["verdict"]))
+            if f["effect"] is not None:
+                values = {"effect": f["effect"], "ci_lo": f["ci95"][0], "ci_hi": f["ci95"][1], "n": f["n"]}
+                metrics += [Metric(f"finding/{name}/{k}", float(v), now, 0) for k, v in values.items()]
+        self.log_batches(run_id, metrics, [], tags)
+
     def log_trial(self, stage_run_id: str, study_id: str, key: str, trial: dict) -> None:
         """One nested run per trial: the sampled values as params, the proxy curve as a metric series."""
         from mlflow.entities import Metric, Param, RunTag

@@ -47,19 +47,53 @@ def test_the_report_has_every_table_and_plot_and_the_results_numbers(smoke_study
     out = tmp / "report"
     r = ddray("study", "report", study_id, "--store", store, "--out", out)
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "accuracy_vs_aligned_ratio.png",
-                                               "aligned_vs_conflicting.png", "distillation_curves.png"}
+    claims = {f"finding_{c}_method_{m}.png" for c in ("conflicting-falls-with-bias", "gap-grows-with-bias")
+              for m in ("dc", "dm")}
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "findings.json",
+                                               "accuracy_vs_aligned_ratio.png", "aligned_vs_conflicting.png",
+                                               "distillation_curves.png", *claims}
     md = (out / "report.md").read_text()
     rows = json.loads(ddray("study", "results", study_id, "--store", store, "--format", "json").stdout)
     for row in rows:  # every row's accuracy appears, as the paper table's mean +- std and in the full table
         assert f"{row['acc_mean'] * 100:.1f} ± {row['acc_std'] * 100:.1f}" in md
         assert f"{row['acc_mean']:.4f}" in md
     assert re.search(r"\| method / ipc \| aligned_ratio=0.1 \| aligned_ratio=0.95 \|", md)
-    assert md.count("<img") == 0 and (out / "report.html").read_text().count("<img") == 3
+    assert md.count("<img") == 0 and (out / "report.html").read_text().count("<img") == 3 + len(claims)
+    assert "### Findings" in md and "conflicting-falls-with-bias[method=dm]" in md
     record = json.loads(ddray("study", "status", study_id, "--store", store, "--json").stdout)
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(record["parent_run_id"], "report")}
     assert "report/report.html" in logged and "report/accuracy_vs_aligned_ratio.png" in logged
+
+
+def test_the_papers_claims_are_tested_and_logged_on_the_parent_run(smoke_study):
+    from mlflow.tracking import MlflowClient
+
+    _, store, uri, study_id = smoke_study
+    r = ddray("study", "findings", study_id, "--store", store, "--json")
+    assert r.returncode == 0, r.stderr
+    found = {f["id"]: f for f in json.loads(r.stdout.strip().splitlines()[-1])["findings"]}
+    assert set(found) == {f"{c}[method={m}]" for c in ("conflicting-falls-with-bias", "gap-grows-with-bias")
+                          for m in ("dc", "dm")}
+    for f in found.values():
+        assert f["verdict"] in ("holds", "contradicted", "inconclusive") and f["n"] > 0
+        lo, hi = f["ci95"]
+        assert lo <= f["effect"] <= hi  # a two-level bootstrap interval holds its point estimate here
+    table = ddray("study", "findings", study_id, "--store", store)
+    assert table.returncode == 0 and "conflicting-falls-with-bias[method=dm]" in table.stdout
+    record = json.loads(ddray("study", "status", study_id, "--store", store, "--json").stdout)
+    tags = MlflowClient(uri).get_run(record["parent_run_id"]).data.tags
+    assert {t for t in tags if t.startswith("finding.")} == {
+        f"finding.{c}_method_{m}" for c in ("conflicting-falls-with-bias", "gap-grows-with-bias") for m in ("dc", "dm")}
+
+
+def test_rows_report_the_last_epoch_as_upstream_and_hold_nothing_out(smoke_study):
+    _, store, _, study_id = smoke_study
+    rows = json.loads(ddray("study", "results", study_id, "--store", store, "--format", "json").stdout)
+    for r in rows:
+        assert r["selection"] == "last" and r["val_split"] is None
+        assert r["acc_last"] == pytest.approx(r["acc_mean"]) and r["acc_val_selected"] is None
+        assert r["acc_std_distill"] == 0.0  # one distillation seed in the smoke profile
 
 
 def test_compare_of_a_study_with_itself_shows_no_difference(smoke_study):

@@ -24,8 +24,8 @@ identical bytes. Results are truncated to uint8 as the reference does
 Fidelity. During development every function was run against the reference
 functions themselves (``make_cifar_c.py`` with OpenCV 5, scikit-image 0.26, PIL,
 Wand + ImageMagick 6.9.11-Q16) fed the same random numbers, 256 real images x 4
-levels each: snow byte-identical; fog, elastic and spatter (water and mud)
-within one 8-bit level on <= 0.03% of values (float32 here, float64 there);
+levels each: snow and frost byte-identical; fog, elastic and spatter (water
+and mud) within one 8-bit level on <= 0.03% of values (float32 here, float64 there);
 pixelate and JPEG byte-identical to PIL; contrast within one level on ~0.01%.
 
 Deviations from ``make_cifar_c.py`` (all of them):
@@ -34,16 +34,27 @@ Deviations from ``make_cifar_c.py`` (all of them):
   cropped (32 for both CIFAR and 28x28), pixelate uses int(side * c), and the
   elastic table, written as fractions of IMSIZE = 32, uses IMSIZE = the image
   side (identical at 32x32). Pixel-unit parameters (snow blur radius, spatter
-  sigmas, frost texture scale) stay in pixels.
-- Frost: the reference blends a random 32x32 crop of one of five photographs of
-  frosted glass (frost1.png ... frost5.jpg resized by 0.2; frost6 is never
-  drawn). Those assets are not shipped, so the five textures are procedural,
-  built once from a fixed seed (``FROST_BANK_SEED``) at 160x224: ridged
-  multi-octave value noise (thin bright ice veins on a haze), mean 0.50 and std
-  0.15 of full scale, tinted pale blue-white (R, G, B gains 0.86, 0.93, 1.0),
-  8-bit. Texture choice, random crop and the blend
-  ``clip(c0 * x + c1 * frost, 0, 255)`` with the level weights are the
-  reference's; the texture statistics are a documented choice, not measured.
+  sigmas, the 0.2-scaled frost photographs) stay in pixels.
+- Frost: the reference's own recipe on the published photographs. The five
+  frost photographs make_cifar_c.py draws from (idx = randint(5): frost1.png,
+  frost2.png, frost3.png, frost4.jpg, frost5.jpg; frost6.jpg is never drawn)
+  ship unmodified in ``frost/`` beside this module (ImageNet-C's textures as
+  in the imagecorruptions 1.1.2 wheel, Apache-2.0: see frost/NOTICE); when
+  they are missing the frost/ folder of an installed ``imagecorruptions`` is
+  used, else a FileNotFoundError names both places. Each is decoded to RGB
+  (PIL; alpha dropped as cv2.imread does, same libjpeg-turbo decoding) and
+  scaled as ``cv2.resize(frost, (0, 0), fx=0.2, fy=0.2)``: OpenCV's bilinear
+  at scale 1/5 samples whole pixels only, so the 0.2-scaled texture is exactly
+  pixel (5i + 2, 5j + 2) of the photograph (120x180, 63x112, 63x112, 70x105,
+  99x132). Per image: a photograph, a crop corner ``randint(0, side - 32)``
+  per axis (the last corner is never drawn, as there), and
+  ``clip(c0 * x + c1 * crop, 0, 255)`` in float64 with the level's (c0, c1)
+  (``FROST``). Byte-identical to the reference for a given photograph and
+  corner (checked against OpenCV 4.14 and 5.0). Deviations: the crop is the
+  image's h x w (32x32 in the reference), images must be smaller than every
+  scaled photograph (at most 62x104; larger ones are rejected, where the
+  reference would fail too), and the draws come from the torch generator
+  (below).
 - Snow: Wand's MagickMotionBlurImage (ImageMagick) is reimplemented as its C
   code defines it: a one-sided half-Gaussian of 2*ceil(radius)+1 taps, tap i
   sampling the pixel at offset (ceil(i cos a - 0.5), ceil(i sin a - 0.5)) with
@@ -90,7 +101,9 @@ Deviations from ``make_cifar_c.py`` (all of them):
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +160,6 @@ JPEG_QUALITY = {1: 80, 2: 65, 3: 58, 4: 50, 5: 40}
 PIXELATE = {1: 0.95, 2: 0.9, 3: 0.85, 4: 0.75, 5: 0.65}
 SATURATE = {1: (0.3, 0.0), 2: (0.1, 0.0), 3: (1.5, 0.0), 4: (2.0, 0.1), 5: (2.5, 0.2)}
 
-FROST_TINT = (0.86, 0.93, 1.0)
 WATER_COLOR = (175 / 255.0, 238 / 255.0, 238 / 255.0)  # pale turquoise, added to (R, G, B)
 MUD_COLOR = (63 / 255.0, 42 / 255.0, 20 / 255.0)
 
@@ -356,56 +368,130 @@ def snow(u, level, g):
     return (x + layer + torch.flip(layer, dims=(-2, -1))).clamp(0, 1) * 255
 
 
-FROST_BANK = (5, 160, 224)  # textures, height, width: like the five frost photos at 0.2 scale
-FROST_BANK_SEED = 20190328  # fixed: the textures are assets, not per-call randomness
+# Frost: make_cifar_c.py's photographs of frosted glass, blended into the image.
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")  # idx = randint(5)
+FROST_SCALE = 0.2  # cv2.resize(frost, (0, 0), fx=0.2, fy=0.2), INTER_LINEAR
+FROST_DIR = Path(__file__).resolve().parent / "frost"  # ddray's package data (see frost/NOTICE)
 
 
-def frost_texture(n: int, h: int, w: int, g: torch.Generator, device) -> torch.Tensor:
-    """Procedural frost texture(s): (n, 3, h, w), 0..255 integers, pale blue-white ice veins."""
-    def noise(cell):  # value noise with about `cell`-pixel features
-        gh, gw = math.ceil(h / cell) + 1, math.ceil(w / cell) + 1
-        v = _uniform((n, 1, gh, gw), -1.0, 1.0, g, device)
-        return F.interpolate(v, size=(h, w), mode="bicubic", align_corners=False)
+def imagecorruptions_frost_dir() -> Path | None:
+    """The frost/ folder of an installed `imagecorruptions` package (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec("imagecorruptions")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "frost"
 
-    ridges = sum(wt * (1 - noise(cell).abs()).clamp(0, 1) ** 6 for cell, wt in ((8, 0.5), (4, 0.3), (2, 0.2)))
-    haze = noise(16) * 0.5 + 0.5
-    t = (0.26 + 0.22 * haze + 0.9 * ridges).clamp(0, 1)
-    tint = torch.tensor(FROST_TINT, device=device).view(1, 3, 1, 1)
-    return torch.floor(t * tint * 255)
+
+def frost_dir() -> Path:
+    """Folder holding FROST_FILES: ddray's package data, else an installed imagecorruptions'."""
+    ic = imagecorruptions_frost_dir()
+    for d in (FROST_DIR, ic):
+        if d is not None and all((d / f).is_file() for f in FROST_FILES):
+            return d
+    raise FileNotFoundError(
+        f"frost photographs {', '.join(FROST_FILES)} not found: looked in {FROST_DIR} (ddray's package data) "
+        f"and in {ic if ic is not None else 'an installed imagecorruptions package (not importable)'}; "
+        "reinstall ddray with its package data, or `pip install imagecorruptions==1.1.2`"
+    )
+
+
+def cv2_linear_downscale(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """cv2.resize(img, (0, 0), fx=factor, fy=factor) (INTER_LINEAR) of uint8 (C, H, W), for odd 1 / factor.
+
+    OpenCV's output side is cvRound(side * factor) and output pixel d samples
+    source position (d + 0.5) / factor - 0.5. When 1 / factor is an odd
+    integer (5 for 0.2) every position is a whole pixel, the bilinear weights
+    are (1, 0) and the result is that pixel: plain subsampling, exact.
+    """
+    inv = 1.0 / factor
+    if inv != round(inv) or round(inv) % 2 != 1:
+        raise NotImplementedError(f"frost scale {factor}: only 1 / odd integer is implemented")
+    step, h, w = round(inv), img.shape[-2], img.shape[-1]
+    oh, ow = round(h * factor), round(w * factor)  # no halves occur: side * factor is a multiple of 1 / step
+    rows = torch.arange(oh) * step + step // 2
+    cols = torch.arange(ow) * step + step // 2
+    return img[..., rows.clamp(max=h - 1), :][..., cols.clamp(max=w - 1)]
+
+
+def load_frost_textures() -> list[torch.Tensor]:
+    """FROST_FILES decoded to RGB and scaled by FROST_SCALE as make_cifar_c.py does: uint8 (3, h, w) each.
+
+    cv2.imread drops the PNGs' alpha (all 255) and applies no gamma; PIL's
+    convert("RGB") does the same, and both decode the JPEGs with libjpeg-turbo
+    (checked byte-identical to OpenCV 4.14 and 5.0 on all five files).
+    """
+    import numpy as np
+    from PIL import Image
+
+    d = frost_dir()
+    out = []
+    for name in FROST_FILES:
+        with Image.open(d / name) as im:
+            rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        out.append(cv2_linear_downscale(rgb, FROST_SCALE).contiguous())
+    return out
 
 
 _FROST_CACHE: dict = {}
 
 
-def frost_bank(device, min_h: int = 0, min_w: int = 0) -> torch.Tensor:
-    """The fixed texture bank (k, 3, H, W), built once per device (and size) from FROST_BANK_SEED.
+def frost_bank(device):
+    """The scaled photographs on `device`, loaded once: (bank, sizes).
 
-    H, W are FROST_BANK's unless an image needs larger textures (then image side + 32).
+    bank is uint8 (k * H * W, 3), the k textures zero-padded to the largest
+    H x W and flattened channels-last for one gather; sizes is int64 (k, 2),
+    each texture's own (height, width).
     """
-    k, bh, bw = FROST_BANK
-    bh, bw = max(bh, min_h + 32), max(bw, min_w + 32)
-    key = (str(device), bh, bw)
+    key = str(device)
     if key not in _FROST_CACHE:
-        g = torch.Generator().manual_seed(FROST_BANK_SEED)
-        _FROST_CACHE[key] = frost_texture(k, bh, bw, g, "cpu").to(device)
-    return _FROST_CACHE[key]
+        if "cpu" not in _FROST_CACHE:
+            tex = load_frost_textures()
+            bh, bw = max(t.shape[1] for t in tex), max(t.shape[2] for t in tex)
+            bank = torch.zeros(len(tex), bh, bw, 3, dtype=torch.uint8)
+            for i, t in enumerate(tex):
+                bank[i, :t.shape[1], :t.shape[2]] = t.permute(1, 2, 0)
+            sizes = torch.tensor([t.shape[1:] for t in tex], dtype=torch.int64)
+            _FROST_CACHE["cpu"] = (bank, sizes)
+        bank, sizes = _FROST_CACHE["cpu"]
+        _FROST_CACHE[key] = (bank.to(device), sizes.to(device))
+    bank, sizes = _FROST_CACHE[key]
+    return bank.view(-1, 3), sizes
+
+
+def frost_at(u, level, idx, top, left):
+    """Frost with a given texture index and crop corner per image (the reference's random choices).
+
+    clip(c0 * x + c1 * crop, 0, 255) in float64, as NumPy computes it there.
+    """
+    wi, wf = FROST[level]
+    n, _, h, w = u.shape
+    bank, sizes = frost_bank(u.device)
+    bh, bw = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    rows = (top[:, None] + torch.arange(h, device=u.device))[:, :, None]
+    cols = (left[:, None] + torch.arange(w, device=u.device))[:, None, :]
+    flat = (idx[:, None, None] * (bh * bw) + rows * bw + cols).reshape(-1)
+    tex = bank.index_select(0, flat).view(n, h, w, 3).permute(0, 3, 1, 2)
+    return (wi * u.double() + wf * tex.double()).clamp(0, 255)
 
 
 def frost(u, level, g):
-    wi, wf = FROST[level]
-    x = u.float()
-    n, _, h, w = x.shape
-    bank = frost_bank(x.device, h, w)
-    k, _, bh, bw = bank.shape
-    # as the reference: pick a texture (randint(5)), then a random h x w crop
-    idx = torch.floor(_rand((n,), g, x.device) * k).long()
-    top = torch.floor(_rand((n,), g, x.device) * (bh - h)).long()
-    left = torch.floor(_rand((n,), g, x.device) * (bw - w)).long()
-    rows = (top[:, None] + torch.arange(h, device=x.device))[:, :, None]
-    cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, :]
-    flat = (idx[:, None, None] * (bh * bw) + rows * bw + cols).reshape(-1)
-    tex = bank.permute(1, 0, 2, 3).reshape(3, -1).index_select(1, flat).view(3, n, h, w).permute(1, 0, 2, 3)
-    return (wi * x + wf * tex).clamp(0, 255)
+    n, _, h, w = u.shape
+    _, sizes = frost_bank(u.device)
+    if h >= int(sizes[:, 0].min()) or w >= int(sizes[:, 1].min()):
+        raise ValueError(
+            f"frost needs images smaller than every scaled frost photograph "
+            f"(at most {int(sizes[:, 0].min()) - 1}x{int(sizes[:, 1].min()) - 1}), got {h}x{w}"
+        )
+    # as the reference: a photograph (randint(5)), then a crop corner randint(0, side - image side) per axis
+    k = len(sizes)
+    idx = torch.floor(_rand((n,), g, u.device) * k).long().clamp(max=k - 1)
+    span = sizes[idx] - torch.tensor([h, w], device=u.device)  # (n, 2): exclusive upper bounds
+    top = torch.floor(_rand((n,), g, u.device) * span[:, 0]).long().minimum(span[:, 0] - 1)
+    left = torch.floor(_rand((n,), g, u.device) * span[:, 1]).long().minimum(span[:, 1] - 1)
+    return frost_at(u, level, idx, top, left)
 
 
 def fog(u, level, g):

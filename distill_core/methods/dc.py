@@ -120,7 +120,7 @@ def gradient_matching(real: RealData, cfg: DistillConfig, runtime: Runtime = DEF
             loss = matcher(net, real_batch, syn_batch)
             totals["loss_gm"] += loss.item() / outer_loop
             if guidance is not None:
-                ptm_loss = guidance.loss(x_syn, syn.labels, g)
+                ptm_loss = guidance.loss(x_syn, syn.labels)
                 totals["loss_ptm"] += ptm_loss.item() / outer_loop
                 loss = loss + ptm_loss
             opt_img.zero_grad(set_to_none=True)

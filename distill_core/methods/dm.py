@@ -68,7 +68,7 @@ def distill_dm(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RU
         loss = dm_loss(net, x_real, y_real, x_in, syn.labels, k, embed_real)
         record = {"loss_dm": loss.item()}
         if guidance is not None:
-            ptm_loss = guidance.loss(x_syn, syn.labels, g)
+            ptm_loss = guidance.loss(x_syn, syn.labels)
             loss = loss + ptm_loss
             record["loss_ptm"] = ptm_loss.item()
         opt.zero_grad(set_to_none=True)

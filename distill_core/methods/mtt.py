@@ -252,7 +252,7 @@ def distill_mtt(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_R
             loss.backward(inputs=[x_syn, syn_lr])
         record = {"loss_mtt": float(loss.detach()), "syn_lr": float(syn_lr.detach()), "start_epoch": t}
         if guidance is not None:
-            ptm_loss = guidance.loss(x_syn, syn.labels, g)
+            ptm_loss = guidance.loss(x_syn, syn.labels)
             ptm_loss.backward(inputs=[x_syn])  # accumulates onto the trajectory gradient
             record["loss_ptm"] = ptm_loss.item()
         opt_img.step()

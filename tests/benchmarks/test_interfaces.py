@@ -41,6 +41,7 @@ def test_fidelity_benchmark_smoke_prints_rows_for_every_method_and_the_random_ba
     assert rows == {(m, i) for m in ("dc", "dsa", "dm", "mtt", "random") for i in (1, 10)} | {("whole", None)}
     for r in result["results"]:
         assert {"method", "ipc", "acc_mean", "acc_std", "budget"} <= set(r) and 0.0 <= r["acc_mean"] <= 1.0
+        assert r["dataset"] == result["dataset"] in ("fashion_mnist", "digits")  # each row names its data
     assert set(result["checks"]) == {"ipc10_beats_ipc1", "ior_ipc10", "all_hold"}
 
 

@@ -40,9 +40,9 @@ def digits_source():
 
 @pytest.fixture(scope="session")
 def digits_dataset(digits_source):
-    """The digits without bias (grey, 1x28x28), per-channel normalisation."""
+    """The digits without bias (grey, 1x28x28), per-channel normalisation, 10% held out for validation."""
     with one_thread():
-        return build_biased_dataset(digits_source, "none", 0.1, 1)
+        return build_biased_dataset(digits_source, "none", 0.1, 1, val_fraction=0.1)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +52,10 @@ def digits_real(digits_dataset) -> RealData:
 
 @pytest.fixture(scope="session")
 def colored_dataset(digits_source):
-    """CMNIST-DD-style coloured digits (3x28x28) at p = 0.1: a biased dataset with all test sets."""
+    """CMNIST-DD-style coloured digits (3x28x28) at p = 0.1: a biased dataset with all test sets and a
+    biased validation split (10%)."""
     with one_thread():
-        return build_biased_dataset(digits_source, "colored", 0.1, 1)
+        return build_biased_dataset(digits_source, "colored", 0.1, 1, val_fraction=0.1)
 
 
 @pytest.fixture(scope="session")
@@ -79,4 +80,4 @@ def digits16_source(digits_source) -> SourceData:
 def zca_dataset(digits16_source):
     """Coloured 16x16 digits whitened with ZCA (MTT's CIFAR setting)."""
     with one_thread():
-        return build_biased_dataset(digits16_source, "colored", 0.1, 1, zca=True)
+        return build_biased_dataset(digits16_source, "colored", 0.1, 1, zca=True, val_fraction=0.1)

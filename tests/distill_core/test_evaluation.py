@@ -41,7 +41,9 @@ def test_easy_real_subset_reaches_high_accuracy(real, dataset):
     assert len(results) == 1
     r = results[0]
     assert r["acc"] > 0.8
-    assert r["epoch"] in {5, 10, 15} and 0.0 <= r["val_acc"] <= 1.0
+    assert r["epoch"] == 15 and r["selection"] == "last" and r["acc"] == r["acc_last"]  # upstream: the final epoch
+    assert r["at_val"]["epoch"] in {5, 10, 15} and 0.0 <= r["val_acc"] <= 1.0
+    assert r["acc_val_selected"] == r["at_val"]["acc"]
     assert len(r["per_class"]) == 10
 
 
@@ -59,10 +61,12 @@ def test_learned_lr_is_used_when_no_lr_is_given(real, dataset):
     assert training_lr(EvalConfig(lr=0.2), SyntheticSet(syn.images, syn.labels, syn.norm, lr=0.05)) == 0.2
 
 
-def test_reported_metrics_are_those_of_the_best_validation_checkpoint(real, dataset, monkeypatch):
-    """Test metrics come from the snapshot taken at the selected epoch, not the last weights."""
+def test_val_selection_reports_the_best_validation_checkpoint_and_last_the_final_weights(real, dataset,
+                                                                                          monkeypatch):
+    """Both checkpoints are tested: the snapshot taken at the best validation epoch, and the final weights;
+    the top-level metrics are those of `selection`."""
     syn = real_subset(real, 4)
-    cfg = EvalConfig(arch_options={"width": 8}, epochs=8, checkpoints=8, lr=0.5)  # a high lr: val wobbles
+    cfg = EvalConfig(arch_options={"width": 8}, epochs=8, checkpoints=8, lr=0.5, selection="val")  # val wobbles
     sets = EvalSets.from_dataset(dataset, "cpu")
     seen = {}
     original = evaluation.snapshot
@@ -76,10 +80,33 @@ def test_reported_metrics_are_those_of_the_best_validation_checkpoint(real, data
     r = evaluation.train_and_evaluate(syn, sets, cfg, 0)
     assert r["epoch"] < cfg.epochs  # selection picked an earlier checkpoint than the final weights
     chosen_model, _ = seen[len(seen) - 1]  # the last snapshot taken is the best-validation one
-    curve = r.pop("val_curve")
-    assert r == {"val_acc": r["val_acc"], "epoch": r["epoch"], **evaluation.test_metrics(chosen_model, sets)}
+    curve = r["val_curve"]
+    assert r["at_val"] == {"val_acc": r["val_acc"], "epoch": r["epoch"], **evaluation.test_metrics(chosen_model, sets)}
+    assert {k: r[k] for k in r["at_val"]} == r["at_val"] and r["acc_val_selected"] == r["acc"]
     assert [e for e, _ in curve] == sorted(evaluation.validation_epochs(cfg))  # every check, in order
     assert dict(curve)[r["epoch"]] == r["val_acc"] == max(acc for _, acc in curve)
+
+    final = evaluation.fit(syn, cfg, 0, num_classes=dataset.num_classes)  # the same training, to its end
+    assert r["at_last"] == {"epoch": cfg.epochs, **evaluation.test_metrics(final, sets)}
+    assert r["acc_last"] == r["at_last"]["acc"] and r["at_last"]["epoch"] != r["at_val"]["epoch"]
+    last = evaluation.train_and_evaluate(syn, sets, cfg.model_copy(update={"selection": "last"}), 0)
+    assert {k: last[k] for k in r["at_last"]} == r["at_last"]  # `last` puts the final weights' metrics on top
+    assert (last["acc_last"], last["acc_val_selected"]) == (r["acc_last"], r["acc_val_selected"])
+
+
+def test_without_a_validation_split_only_the_last_epoch_is_reported(digits_source, real):
+    from distill_core.data import build_biased_dataset
+
+    whole = build_biased_dataset(digits_source, "none", 0.1, 1)  # upstream: nothing held out
+    assert len(whole.val_index) == 0 and len(whole.train_split()[1]) == len(whole.train_labels)
+    sets = EvalSets.from_dataset(whole, "cpu")
+    syn = real_subset(real, 2)
+    cfg = EvalConfig(arch_options={"width": 8}, epochs=3, checkpoints=3)
+    r = train_and_evaluate(syn, sets, cfg, 0)
+    assert r["epoch"] == 3 and r["acc"] == r["acc_last"]
+    assert r["acc_val_selected"] is None and r["at_val"] is None and r["val_acc"] is None and r["val_curve"] == []
+    with pytest.raises(ValueError, match="needs a validation split"):
+        evaluate_repeats(syn, sets, cfg.model_copy(update={"selection": "val"}))
 
 
 class LrRecorder:
@@ -200,7 +227,8 @@ def test_evaluate_repeats_reports_every_network(colored):
     assert results[0] == train_and_evaluate(syn, sets, cfg, 0)  # repeat r is train_and_evaluate(..., r)
     assert results[0]["acc"] != results[1]["acc"] or results[0]["val_acc"] != results[1]["val_acc"]
     for r in results:
-        assert {"acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "per_class", "val_acc", "epoch"} <= set(r)
+        assert {"acc", "acc_unbiased", "acc_aligned", "acc_conflicting", "per_class", "val_acc", "epoch",
+                "acc_last", "acc_val_selected", "selection"} <= set(r)
 
 
 def test_eval_config_has_no_execution_settings():

@@ -42,15 +42,19 @@ def test_folded_evaluation_equals_one_at_a_time(colored):
     """Training repeats as one grouped network gives the one-network loop's numbers."""
     _, real, sets = colored
     syn = real_init(real, 3)
-    for augment, norm in ((None, "instancenorm"), (f"dsa:{DSA_STRATEGY}", "batchnorm")):
+    for augment, norm, selection in ((None, "instancenorm", "val"), (f"dsa:{DSA_STRATEGY}", "batchnorm", "last")):
         cfg = EvalConfig(arch="convnet", arch_options={"width": 8, "norm": norm}, epochs=6, augment=augment,
-                         checkpoints=3)
+                         checkpoints=3, selection=selection)
         one = [train_and_evaluate(syn, sets, cfg, r) for r in range(3)]
         folded = train_and_evaluate_folded(syn, sets, cfg, [0, 1, 2], Runtime())
         for a, b in zip(one, folded):
-            assert a["epoch"] == b["epoch"]
-            assert abs(a["acc"] - b["acc"]) <= 1 / len(sets.test[1])
+            assert a["epoch"] == b["epoch"] and a["at_val"]["epoch"] == b["at_val"]["epoch"]
+            for name in ("acc", "acc_last", "acc_val_selected", "acc_conflicting"):
+                assert abs(a[name] - b[name]) <= 1 / len(sets.test[1])
             assert abs(a["val_acc"] - b["val_acc"]) <= 1 / len(sets.val[1])
+            assert [e for e, _ in a["val_curve"]] == [e for e, _ in b["val_curve"]]
+            assert [v for _, v in a["val_curve"]] == pytest.approx([v for _, v in b["val_curve"]],
+                                                                  abs=1 / len(sets.val[1]))
 
 
 def test_tiled_folded_steps_equal_whole_batch_steps(colored):

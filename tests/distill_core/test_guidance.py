@@ -113,13 +113,12 @@ def test_guidance_scales_by_alpha_per_architecture():
     pool.add("a", model_a)
     pool.add("b", model_b)
     assert not any(p.requires_grad for p in model_a.parameters())  # frozen
-    guidance = PTMGuidance(GuidanceConfig(kind="clom", alpha={"a": 2.0, "b": 10.0}), pool)
     x, y = small_data()
     seen = set()
     for seed in range(20):
-        g = torch.Generator().manual_seed(seed)
-        arch, model = pool.sample(torch.Generator().manual_seed(seed))
-        value = float(guidance.loss(x, y, g))
+        guidance = PTMGuidance(GuidanceConfig(kind="clom", alpha={"a": 2.0, "b": 10.0}), pool, seed=seed)
+        arch, model = pool.sample(torch.Generator().manual_seed(seed))  # its own stream, seeded by `seed`
+        value = float(guidance.loss(x, y))
         assert value == pytest.approx(guidance.alpha_for(arch) * hand_clom(model, x, y), rel=1e-5)
         seen.add(arch)
     assert seen == {"a", "b"}  # both architectures get sampled
@@ -132,8 +131,7 @@ def test_cclom_guidance_uses_a_real_batch_with_replacement():
     real = real_data()
     guidance = PTMGuidance(GuidanceConfig(kind="cclom", alpha=3.0, real_batch=7), pool, real=real)
     x_syn, y_syn = small_data(seed=3)
-    g = torch.Generator().manual_seed(0)
-    value = float(guidance.loss(x_syn, y_syn, g))
+    value = float(guidance.loss(x_syn, y_syn))
     # replay the generator: one draw for the architecture, one for the member, then the real indices
     g = torch.Generator().manual_seed(0)
     pool.sample(g)
@@ -183,7 +181,7 @@ def test_the_default_alpha_covers_the_architectures_a_mapping_leaves_out():
     seen = set()
     for seed in range(20):
         arch, model = pool.sample(torch.Generator().manual_seed(seed))
-        value = float(guidance.loss(x, y, torch.Generator().manual_seed(seed)))
+        value = float(PTMGuidance(guidance.config, pool, seed=seed).loss(x, y))
         assert value == pytest.approx({"a": 2.0, "b": 5.0}[arch] * hand_clom(model, x, y), rel=1e-5)
         seen.add(arch)
     assert seen == {"a", "b"}

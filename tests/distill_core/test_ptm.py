@@ -40,8 +40,8 @@ def test_tiled_training_equals_whole_batch_training(digits_real):
 def test_recipe_fields():
     assert recipe("ptm", 150, DSA_STRATEGY_NO_FLIP) == {
         "momentum": 0.9, "weight_decay": 0.005, "augment": None, "milestones": [50, 100]}
-    assert recipe("ptm", 6, DSA_STRATEGY_NO_FLIP)["milestones"] == [2, 4]
-    assert recipe("ptm", 1, DSA_STRATEGY_NO_FLIP)["milestones"] == [1]
+    assert recipe("ptm", 60, DSA_STRATEGY_NO_FLIP)["milestones"] == [50]  # upstream's epochs, not a fraction
+    assert recipe("ptm", 8, DSA_STRATEGY_NO_FLIP)["milestones"] == []  # an early checkpoint: lr 0.01 throughout
     assert recipe("expert", 50, DSA_STRATEGY_NO_FLIP) == {
         "momentum": 0.0, "weight_decay": 0.0, "augment": f"dsa:{DSA_STRATEGY_NO_FLIP}", "milestones": []}
     with pytest.raises(ValueError, match="unknown PTM recipe"):
@@ -100,9 +100,10 @@ def test_expert_epoch_is_plain_sgd_on_per_sample_augmented_batches(small_real):
     assert not torch.allclose(other.checkpoints[1]["classifier.weight"], result.checkpoints[1]["classifier.weight"])
 
 
-def test_ptm_recipe_decays_the_lr_after_one_and_two_thirds(small_real, monkeypatch):
+def test_ptm_recipe_decays_the_lr_after_its_milestone_epochs(small_real, monkeypatch):
     rec = EpochRecorder(monkeypatch)
-    cfg = PTMConfig(**recipe("ptm", 6, DSA_STRATEGY_NO_FLIP), arch_options=WIDTH, epochs=6, batch_size=40)
+    cfg = PTMConfig(**{**recipe("ptm", 6, DSA_STRATEGY_NO_FLIP), "milestones": [2, 4]}, arch_options=WIDTH, epochs=6,
+                    batch_size=40)
     train_ptm(small_real, cfg)
     lrs = [e["lr"] for e in rec.epochs]  # epochs 1..6; milestones 2 and 4
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001])

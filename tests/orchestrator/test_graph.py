@@ -1,6 +1,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from distill_core.methods import METHODS
 from orchestrator.graph import CONFIGS, build_stage_graph
 from tests.orchestrator.test_spec import spec_of
@@ -157,3 +159,104 @@ def test_every_study_evaluates_a_random_subset_per_variant_and_ipc_with_each_met
                                  d["distillation"].update(methods=["dm", "random"])))
     assert len([s for s in listed.of_kind("distill") if s.config["method"] == "random"]) == 4  # the same stages
     assert not [s for s in graph_of().of_kind("distill") if s.coords.get("reference")]  # random_baseline: false
+
+
+def test_a_sources_adaptation_reaches_its_dataset_stage_and_keys_it():
+    from tests.orchestrator.test_spec_checks import pool_on
+
+    g = graph_of(lambda d: pool_on(d, source="mnist", channels=3))
+    (mnist,) = [s for s in g.of_kind("dataset") if s.coords["dataset"] == "f"]
+    assert (mnist.config["channels"], mnist.config["image_size"]) == (3, None)
+    assert all(s.config["channels"] is None for s in g.of_kind("dataset") if s is not mnist)
+    assert CONFIGS["dataset"](**mnist.config).channels == 3
+    rgb32 = graph_of(lambda d: (pool_on(d, source="mnist", channels=3, image_size=32),
+                                d["datasets"][0].update(source="cifar10", channels=1)))  # luma, then coloured
+    (mnist32,) = [s for s in rgb32.of_kind("dataset") if s.coords["dataset"] == "f"]
+    assert (mnist32.config["channels"], mnist32.config["image_size"]) == (3, 32) and mnist32.key != mnist.key
+    folder = graph_of(lambda d: pool_on(d, source="imagefolder", data_root="/data/tiny", image_size=28, num_classes=200))
+    (tiny,) = [s for s in folder.of_kind("dataset") if s.coords["dataset"] == "f"]
+    assert tiny.config["source"] == "imagefolder" and tiny.config["image_size"] == 28
+    assert tiny.runtime == {"data_root": "/data/tiny"}  # where it lies: not part of the key
+
+
+def test_nothing_is_held_out_unless_the_study_reads_a_validation_split():
+    """As upstream, distillation and PTMs see the whole training split; `selection: val` (or a search's proxy)
+    holds 10% out, `datasets[].val_fraction` sets it, and the choice keys the dataset and every stage after it."""
+    last = graph_of()
+    assert {s.config["val_fraction"] for s in last.of_kind("dataset")} == {0.0}
+    assert {s.coords["val_split"] for s in last.of_kind("evaluate")} == {None}
+    assert {s.config["selection"] for s in last.of_kind("evaluate")} == {"last"}
+
+    def val(d):
+        d["evaluation"]["selection"] = "val"
+    selected = graph_of(val)
+    assert {s.config["val_fraction"] for s in selected.of_kind("dataset")} == {0.1}
+    assert {s.coords["val_split"] for s in selected.of_kind("evaluate")} == {"biased"}
+    assert {s.config["selection"] for s in selected.of_kind("evaluate")} == {"val"}
+    assert keys_of(selected, "distill").isdisjoint(keys_of(last, "distill"))  # distilled from less data
+
+    def balanced(d):
+        d["datasets"][0].update(val_fraction=0.2, val_split="balanced")
+    held = graph_of(balanced)
+    assert {(s.config["val_fraction"], s.config["val_split"]) for s in held.of_kind("dataset")} == {(0.2, "balanced")}
+    assert {s.coords["val_split"] for s in held.of_kind("evaluate")} == {"balanced"}
+
+
+def test_a_claim_that_selects_no_evaluation_is_one_line_naming_it():
+    from orchestrator.errors import UserError
+
+    def claim(d):
+        d["findings"] = [{"id": "c", "statement": "s", "a": {"guidance": "clom:q:*"}, "b": {"guidance": "none"},
+                          "expect": "greater"}]
+    with pytest.raises(UserError) as exc:
+        graph_of(claim)
+    assert exc.value.lines == ['findings[0].a: matches no evaluation of the study (guidance "clom:q:*"; the study '
+                               'has "clom:p:a10", "none")']
+
+    def good(d):
+        claim(d)
+        d["findings"][0]["a"] = {"guidance": "clom:p:*"}
+    assert graph_of(good).counts() == graph_of().counts()  # claims add no stage
+    assert spec_of(good).study_id == spec_of().study_id  # nor change what the study computes
+
+
+def restricted_guidance(d):
+    d["distillation"].update(methods=["dc", "dm"], guidance=[
+        "none", {"kind": "clom", "pool": "p", "alpha": 10, "methods": ["dm"], "ipc": [10]},
+        {"kind": "clom", "pool": "p", "alpha": 20}])
+
+
+def test_a_restricted_guidance_entry_runs_only_at_its_methods_and_ipcs():
+    g = graph_of(restricted_guidance)
+    cells: dict[str, set] = {}
+    for s in g.of_kind("distill"):
+        cells.setdefault(s.coords["guidance"], set()).add((s.config["method"], s.config["ipc"]))
+    every = {(m, i) for m in ("dc", "dm") for i in (1, 10)}
+    assert cells == {"none": every, "clom:p:a10": {("dm", 10)}, "clom:p:a20": every}
+    assert len([s for s in g.of_kind("evaluate") if s.coords["guidance"] == "clom:p:a10"]) == 2 * 2  # variants x archs
+    # where an entry runs is not part of the guidance a stage distils with
+    assert {tuple(sorted(s.config["guidance"])) for s in g.of_kind("distill") if s.config["guidance"]} == \
+        {("alpha", "checkpoint_epochs", "kind", "real_batch")}
+
+    def unrestricted(d):
+        restricted_guidance(d)
+        del d["distillation"]["guidance"][1]["methods"], d["distillation"]["guidance"][1]["ipc"]
+    free = graph_of(unrestricted)
+    # the restriction only leaves cells out: the stages it keeps are the unrestricted entry's, keys and labels
+    assert set(g.stages) < set(free.stages)
+    assert all(free.stages[k].label == s.label for k, s in g.stages.items())
+
+
+def test_an_unrestricted_entry_keeps_its_label_dump_study_id_and_stage_keys():
+    plain = spec_of()
+    guide = plain.distillation.guidance[1]
+    assert guide.label == "clom:p:a10" and guide.applies("dm", 1) and guide.applies("anything", 99)
+    # an unset restriction is not dumped, so the study id hashes what it hashed before the fields existed
+    assert set(guide.model_dump()) == {"kind", "pool", "alpha", "checkpoint_epochs", "real_batch"}
+    explicit = spec_of(lambda d: d["distillation"]["guidance"][1].update(methods=None, ipc=None))
+    assert explicit.study_id == plain.study_id
+    everywhere = spec_of(lambda d: d["distillation"]["guidance"][1].update(methods=["dm"], ipc=[1, 10]))
+    assert everywhere.distillation.guidance[1].label == guide.label
+    assert list(build_stage_graph(everywhere).stages) == list(build_stage_graph(plain).stages)
+    assert {s.label for s in build_stage_graph(everywhere).stages.values()} == \
+        {s.label for s in build_stage_graph(plain).stages.values()}

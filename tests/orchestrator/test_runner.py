@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time as clock
 
 import pytest
 import torch
@@ -33,8 +34,9 @@ TINY = {
 }
 
 
-def schedule(tmp_path, spec, run, cached=()):
-    """Run the whole graph through the scheduler with `run` standing in for stage execution."""
+def schedule(tmp_path, spec, run, cached=(), executor=None):
+    """Run the whole graph through the scheduler with `run` standing in for stage execution (through
+    `executor`, an InlineExecutor by default)."""
     graph = build_stage_graph(spec)
     store = ArtifactStore(tmp_path / "store")
     owner = Owner.here()
@@ -44,8 +46,9 @@ def schedule(tmp_path, spec, run, cached=()):
                                     for k, s in graph.stages.items()})
     events, executed = [], []
     leases = Leases(store.root, owner)
-    scheduler = Scheduler(graph, spec.resources, store, log, leases, InlineExecutor(str(store.root), {}, run),
-                          events.append, lambda key, result: (executed.append(key), leases.release(key)))
+    executor = executor or InlineExecutor(str(store.root), {}, run)
+    scheduler = Scheduler(graph, spec.resources, store, log, leases, executor, events.append,
+                          lambda key, result: (executed.append(key), leases.release(key)))
     state = scheduler.run()
     log.finish(state)
     return graph, log, executed, events, state
@@ -165,21 +168,43 @@ def test_submit_study_inline_end_to_end(tmp_path, monkeypatch):
     assert second.counts["cached"] == second.counts["total"] and second.results == rows
 
 
-def test_a_stage_waiting_too_long_to_start_is_reported(tmp_path):
-    import time as clock
+class NodeMissing(InlineExecutor):
+    """Holds evaluations back for `hold` seconds, as a cluster without a node for them would: nothing finishes."""
 
-    data = {**TINY, "resources": {"evaluate": {"pending_warning_s": 0.01}}}
-    spec = parse_spec(data)
+    def __init__(self, *args, hold: float):
+        super().__init__(*args)
+        self.until = None
+        self.hold = hold
 
-    def slow(stage, root, cpus, gpus, runtime):
+    def next_done(self, timeout):
+        if self.queue and all(stage.kind == "evaluate" for stage, _ in self.queue):
+            self.until = self.until or clock.time() + self.hold
+            if clock.time() < self.until:
+                clock.sleep(timeout)
+                return None
+        return super().next_done(timeout)
+
+    def why_pending(self, resources):
+        return "no node has 1 CPU free"
+
+
+def test_a_stage_that_cannot_start_while_nothing_finishes_is_reported_and_a_moving_queue_is_not(tmp_path):
+    spec = parse_spec({**TINY, "resources": {"evaluate": {"pending_warning_s": 0.5}}})
+
+    def run(stage, root, cpus, gpus, runtime):
         if stage.kind == "evaluate":
-            clock.sleep(0.6)  # the next queued evaluation waits behind this one
+            clock.sleep(0.3)  # a queue behind the study's own stages: each waits longer than 0.5 s in all
         return {"key": stage.key}
 
-    _, _, _, events, state = schedule(tmp_path, spec, slow)
+    def warnings(events):
+        return [e["message"] for e in events if e["type"] == "warning"]
+
+    stuck = NodeMissing(str(tmp_path / "a" / "store"), {}, run, hold=2.5)
+    *_, events, state = schedule(tmp_path / "a", spec, run, executor=stuck)
     assert state == "succeeded"
-    warnings = [e["message"] for e in events if e["type"] == "warning"]
-    assert any("has waited" in w and "to start" in w for w in warnings), warnings
+    assert any("has waited" in w and "to start: no node has 1 CPU free" in w for w in warnings(events)), events
+    *_, events, state = schedule(tmp_path / "b", spec, run)
+    assert state == "succeeded" and not [w for w in warnings(events) if "has waited" in w], events
 
 
 def test_ready_stages_start_longest_remaining_path_first(tmp_path):
@@ -198,13 +223,14 @@ def test_ready_stages_start_longest_remaining_path_first(tmp_path):
 
 
 def test_mlflow_runs_carry_curves_lineage_and_grouping_tags(tmp_path, monkeypatch):
-    """Distillation loss by iteration, PTM training by epoch, evaluation val accuracy by checked epoch;
-    each stage's stored inputs as MLflow datasets (digest = the stored sha256); coordinates as tags."""
+    """Distillation loss by iteration, PTM training by epoch, evaluation val accuracy by checked epoch (with
+    val selection, which holds a split out); each stage's stored inputs as MLflow datasets (digest = the
+    stored sha256); coordinates as tags."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     data = {**TINY, "distillation": {**TINY["distillation"], "iterations": 12, "log_every": 5},
-            "evaluation": {**TINY["evaluation"], "epochs": 4, "checkpoints": 2}}
+            "evaluation": {**TINY["evaluation"], "epochs": 4, "checkpoints": 2, "selection": "val"}}
     spec = parse_spec(data)
     uri = f"sqlite:///{tmp_path}/m.db"
     assert submit_study(spec, "spec", store_root=str(tmp_path / "store"), tracking_uri=uri,

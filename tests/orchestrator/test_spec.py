@@ -194,3 +194,74 @@ def test_relative_paths_in_a_spec_file_resolve_against_its_directory(tmp_path, m
     assert as_written.store.root == "../store" and as_written.tracking.uri == "sqlite:///runs/mlflow.db"
     # where the raw data is read from is not what the study computes: the same study from anywhere
     assert as_written.study_id == spec.study_id == parse_spec(BASE).study_id
+
+
+# paper 2's published alpha per (dataset, method, IPC), and the CIFAR-10 IPC-50 weights of the four-architecture
+# pool (ConvNet, VGG11, ResNet18, AlexNet) per method (reference protocols, section 3)
+PUBLISHED_ALPHA = {
+    "fmnist": {("dc", 10): 100, ("dc", 50): 100, ("dsa", 10): 100, ("dsa", 50): 100, ("dm", 10): 100, ("dm", 50): 100},
+    "cifar10": {("dc", 10): 1000, ("dc", 50): 5000, ("dsa", 10): 5000, ("dsa", 50): 1000, ("dm", 10): 2000,
+                ("dm", 50): 1000},
+    "cifar100": {("dc", 10): 10000, ("dc", 50): 1000, ("dsa", 10): 10000, ("dsa", 50): 10, ("dm", 10): 500,
+                 ("dm", 50): 1},
+}
+POOL_WEIGHTS = {"dc": {"convnet": 5000, "vgg11": 5000, "resnet18": 5000, "alexnet": 100},
+                "dsa": {"convnet": 1000, "vgg11": 1000, "resnet18": 1000, "alexnet": 2000},
+                "dm": {"convnet": 1000, "vgg11": 1000, "resnet18": 1000, "alexnet": 1000}}
+PTM_OPTIONS = Path(__file__).parents[2] / "configs" / "ptm-options"
+
+
+def _same_alpha(a, b) -> bool:
+    """Equal weights: a scalar equals a mapping giving every architecture that value."""
+    values = lambda x: set(x.values()) if isinstance(x, dict) else {x}  # noqa: E731
+    return a == b or (not (isinstance(a, dict) and isinstance(b, dict)) and values(a) == values(b) and len(values(a)) == 1)
+
+
+def _guided_cells(path) -> dict[tuple, list]:
+    """(guidance setting without its alpha, method, ipc) -> the alphas the full study distils with."""
+    cells: dict[tuple, list] = {}
+    for s in build_stage_graph(load_spec(path)).of_kind("distill"):
+        if s.config["guidance"] is not None:
+            setting = s.coords["guidance"].rsplit(":a", 1)[0]  # clom:pool@epochs
+            cells.setdefault((setting, s.config["method"], s.config["ipc"]), []).append(s.config["guidance"]["alpha"])
+    return cells
+
+
+@pytest.mark.parametrize("option", ["init", "architecture", "epoch"])
+@pytest.mark.parametrize("dataset", sorted(PUBLISHED_ALPHA))
+def test_paper2_configs_hold_the_published_grid_at_the_published_alpha(option, dataset):
+    path = PTM_OPTIONS / (f"{option}.yaml" if dataset == "fmnist" else f"{option}-{dataset}.yaml")
+    spec = load_spec(path)
+    assert [d.source for d in spec.datasets] == [{"fmnist": "fashion_mnist"}.get(dataset, dataset)]
+    assert (spec.evaluation.repeats, spec.distillation.seeds) == (20, [0])  # DDInterpreter: 1 distillation x 20 nets
+    cells = _guided_cells(path)
+    settings = {setting for setting, _, _ in cells}
+    assert len(settings) >= 2
+    # every published cell runs under each setting at its published alpha, and at no other (nor any other cell)
+    assert {(method, ipc) for _, method, ipc in cells} == set(PUBLISHED_ALPHA[dataset])
+    for setting in settings:
+        for (method, ipc), alpha in PUBLISHED_ALPHA[dataset].items():
+            if dataset == "cifar10" and ipc == 50 and "four-archs" in setting:
+                alpha = POOL_WEIGHTS[method]
+            ran = cells.get((setting, method, ipc), [])
+            assert len(ran) == 1 and _same_alpha(ran[0], alpha), (setting, method, ipc, ran)
+
+
+def test_cross_arch_holds_each_methods_published_pool_weights_on_six_architectures():
+    path = Path(__file__).parents[2] / "configs" / "cross-arch.yaml"
+    spec = load_spec(path)
+    assert [d.source for d in spec.datasets] == ["cifar10"] and spec.distillation.ipc == [50]
+    assert [a.name for a in spec.evaluation.architectures] == ["mlp", "convnet", "lenet", "alexnet", "vgg11",
+                                                              "resnet18"]
+    cells = _guided_cells(path)  # each method at its own weights only
+    assert cells == {("clom:four-archs", method, 50): [weights] for method, weights in POOL_WEIGHTS.items()}
+
+
+def test_the_domain_study_guides_cifar10_with_near_and_far_sources_at_its_shape():
+    spec = load_spec(PTM_OPTIONS / "domain.yaml")
+    sources = {d.name: d for d in spec.datasets}
+    assert [d.source for d in spec.datasets if d.distill] == ["cifar10"]
+    assert {d.source for d in spec.datasets if not d.distill} == {"cifar100", "svhn", "mnist"}
+    assert (sources["mnist"].channels, sources["mnist"].image_size) == (3, 32)
+    kinds = {g.pool: g.kind for g in spec.distillation.guidance if g.kind != "none"}
+    assert kinds == {"c10-pool": "clom", "c100-pool": "cclom", "svhn-pool": "cclom", "mnist-pool": "cclom"}

@@ -123,3 +123,106 @@ def test_methods_needing_experts_need_an_expert_pool_keeping_every_epoch():
     assert "distillation.trajectories: pool 'experts' must keep every epoch (leave checkpoint_epochs unset)" \
         in errors_of(pinned)
     spec_of(with_expert_pool)
+
+
+def pool_on(d, **source):
+    """A PTM-only source dataset `f` (CCLoM pool `fp`) beside the coloured digits (3x28x28) target."""
+    d["datasets"].append({"name": "f", "bias": "none", "distill": False, **source})
+    d["ptm_pools"].append({"name": "fp", "dataset": "f", "architectures": ["convnet"]})
+    d["distillation"]["guidance"] = [{"kind": "cclom", "pool": "fp"}]
+
+
+def test_a_pool_source_of_another_shape_is_checked_after_its_adaptation():
+    spec_of(lambda d: pool_on(d, source="fashion_mnist", channels=3))  # grey 1x28x28 read as 3x28x28
+    spec_of(lambda d: pool_on(d, source="cifar10", image_size=28))  # 3x32x32 read at 28 px
+    assert "distillation.guidance[0]: pool 'fp' sees 3x32x32 images but the targets are 3x28x28" in \
+        errors_of(lambda d: pool_on(d, source="fashion_mnist", channels=3, image_size=32))
+    assert "distillation.guidance[0]: pool 'fp' sees 1x28x28 images but the targets are 3x28x28" in \
+        errors_of(lambda d: pool_on(d, source="cifar10", channels=1, image_size=28))
+    lines = errors_of(lambda d: (pool_on(d, source="cifar10", image_size=8),
+                                 d["ptm_pools"][1].update(architectures=[{"name": "convnet", "depth": 4}])))
+    assert any(x.startswith("ptm_pools[1].architectures[0]: convnet-depth4 cannot take 3x8x8 images of dataset 'f'")
+               for x in lines), lines
+
+
+def test_adapted_channels_must_suit_the_bias_and_colouring_still_makes_rgb():
+    spec_of(lambda d: d["datasets"][0].update(source="cifar10", channels=1, image_size=28))  # luma, then coloured
+    assert "datasets[0]: bias 'colored' colours grey images: leave channels unset (or 1)" in \
+        errors_of(lambda d: d["datasets"][0].update(channels=3))
+    assert "datasets[0]: bias 'corrupted' corrupts RGB images: leave channels unset (or 3)" in \
+        errors_of(lambda d: d["datasets"][0].update(source="cifar10", bias="corrupted", channels=1))
+    spec_of(lambda d: d["datasets"][0].update(bias="corrupted", channels=3))  # grey digits replicated, then corrupted
+
+
+def test_an_imagefolder_source_declares_its_folder_size_and_classes():
+    folder = {"source": "imagefolder", "data_root": "/data/tiny-imagenet-200", "image_size": 28, "num_classes": 200}
+    spec_of(lambda d: pool_on(d, **folder))  # CCLoM: any classes; validation reads no file
+    assert "distillation.guidance[0]: CLoM needs a PTM with the target's classes; use cclom for pool 'fp'" in \
+        errors_of(lambda d: (pool_on(d, **folder), d["distillation"]["guidance"][0].update(kind="clom")))
+    spec_of(lambda d: (pool_on(d, **{**folder, "num_classes": 10}), d["distillation"]["guidance"][0].update(kind="clom")))
+    assert "datasets[1]: source 'imagefolder' needs data_root, num_classes (the folder, the image size to read it " \
+           "at, and its number of class folders)" in errors_of(lambda d: pool_on(d, source="imagefolder", image_size=28))
+    assert "datasets[0]: num_classes: only source imagefolder declares it ('digits' has 10 classes)" in \
+        errors_of(lambda d: d["datasets"][0].update(num_classes=10))
+    assert "datasets[1]: bias 'colored' needs a grayscale source (digits, fashion_mnist, mnist)" in \
+        errors_of(lambda d: pool_on(d, **folder, **{"bias": "colored"}))
+
+    def two_folders(d):
+        pool_on(d, **folder)
+        d["datasets"].append({**d["datasets"][1], "name": "g", "data_root": "/data/imagenette"})
+    assert ("datasets[2]: the same settings as datasets[1] on another data_root: a stage's key does not include "
+            "data_root, so both would be one stage") in errors_of(two_folders)
+
+
+def test_submit_checks_an_imagefolders_declared_classes_when_it_reads_the_folder(tmp_path):
+    from orchestrator.errors import UserError
+    from orchestrator.graph import build_stage_graph
+    from orchestrator.runner import check_data
+    from tests.distill_core.data.test_sources import _image_folder
+
+    root = _image_folder(tmp_path / "tiny")  # 3 class folders
+
+    def spec(classes):
+        return spec_of(lambda d: pool_on(d, source="imagefolder", data_root=str(root), image_size=28,
+                                         num_classes=classes))
+    good = spec(3)
+    check_data(good, build_stage_graph(good), cached=set())
+    bad = spec(200)
+    with pytest.raises(UserError) as exc:
+        check_data(bad, build_stage_graph(bad), cached=set())
+    assert exc.value.lines == [f"datasets[1].num_classes: 200 declared but {root} has 3 class folders"]
+
+
+def test_a_held_out_split_set_to_zero_is_refused_where_the_study_reads_one():
+    def val_without_split(d):
+        d["evaluation"]["selection"] = "val"
+        d["datasets"][0]["val_fraction"] = 0
+    assert errors_of(val_without_split) == [
+        "datasets[0].val_fraction: is 0, but evaluation.selection 'val' needs a held-out split (leave it unset for 0.1)"]
+
+
+def restrict(**where):
+    return lambda d: d["distillation"]["guidance"][1].update(where)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (restrict(ipc=[10, 20]), ["distillation.guidance[1].ipc: 20 is not an IPC of the study (its IPCs: 1, 10)"]),
+    (lambda d: (d["distillation"].update(methods=["dm", "dc"]), restrict(methods=["dm", "dsa"])(d)),
+     ["distillation.guidance[1].methods: 'dsa' is not a method of the study (its methods: dm, dc)"]),
+    (restrict(methods=["dmm"]), ["distillation.guidance[1].methods[0]: unknown method 'dmm' (did you mean 'dm'?)"]),
+    # an entry left nowhere to run says so, beside what is wrong with it
+    (restrict(ipc=[50]), ["distillation.guidance[1].ipc: 50 is not an IPC of the study (its IPCs: 1, 10)",
+                          "distillation.guidance[1]: applies to no (method, IPC) of the study, so it never runs "
+                          "(methods taking guidance: dm; IPCs: 1, 10)"]),
+    (lambda d: (d["distillation"].update(methods=["dm", "random"]), restrict(methods=["random"])(d)),
+     ["distillation.guidance[1].methods: 'random' takes no guidance (it distils no images)",
+      "distillation.guidance[1]: applies to no (method, IPC) of the study, so it never runs "
+      "(methods taking guidance: dm; IPCs: 1, 10)"]),
+])
+def test_a_guidance_restriction_names_methods_and_ipcs_of_the_study(mutate, expected):
+    assert errors_of(mutate) == expected
+
+
+def test_a_guidance_restriction_within_the_study_is_valid():
+    spec = spec_of(restrict(methods="dm", ipc=10))  # a scalar is a one-point list, as on every grid axis
+    assert (spec.distillation.guidance[1].methods, spec.distillation.guidance[1].ipc) == (["dm"], [10])

@@ -9,15 +9,16 @@ from orchestrator.errors import UserError
 from orchestrator.stages import summarise
 from orchestrator.store import ArtifactStore
 from orchestrator.leases import Owner
-from orchestrator.studies import StudyLog, list_studies, load_record, request_cancel, study_results
+from orchestrator.studies import (StudyLog, list_studies, load_record, request_cancel, study_findings,
+                                  study_results)
 
 
 def stored_evaluation(store, key, seed, accs, method="dm"):
     coords = {"dataset": "d", "aligned_ratio": 0.1, "severity": 1, "method": method, "ipc": 1, "guidance": "none",
               "eval_arch": "convnet", "iterations": 5, "lr_img": 1.0, "distill_seed": seed, "options": None,
               "eval_protocol": "none/5ep"}
-    runs = [{"acc": a, "acc_unbiased": a, "acc_aligned": math.nan, "acc_conflicting": math.nan, "val_acc": a}
-            for a in accs]
+    runs = [{"acc": a, "acc_unbiased": a, "acc_aligned": math.nan, "acc_conflicting": math.nan, "val_acc": a,
+             "acc_last": a, "acc_val_selected": a - 0.1, "selection": "last"} for a in accs]
     result = {"key": key, "coords": coords, "summary": summarise(runs)}
     store.write_stage("evaluate", key, {"result.json": json.dumps(result).encode()}, {})
     return {"kind": "evaluate", "state": "executed", "label": key}
@@ -36,14 +37,33 @@ def test_rows_pool_every_network_of_every_distillation_seed(tmp_path):
     assert dm["acc_std"] == pytest.approx(math.sqrt(((0.15 ** 2) * 2 + (0.05 ** 2) * 2) / 4))
     assert dm["acc_aligned"] is None  # no aligned samples: not a number, not NaN
     assert dm["eval_protocol"] == "none/5ep"
+    assert dm["acc_std_distill"] == pytest.approx(0.05)  # the per-distillation means 0.6 and 0.7
+    assert dm["acc_last"] == pytest.approx(0.65) and dm["acc_val_selected"] == pytest.approx(0.55)
+    assert dm["acc_last_std"] == pytest.approx(dm["acc_std"]) == pytest.approx(dm["acc_val_selected_std"])
 
 
 def test_summarise_keeps_every_network():
-    s = summarise([{"acc": 0.2, "acc_unbiased": 0.3, "acc_aligned": 0.4, "acc_conflicting": 0.1, "val_acc": 0.5},
-                   {"acc": 0.4, "acc_unbiased": 0.5, "acc_aligned": math.nan, "acc_conflicting": 0.3, "val_acc": 0.7}])
-    assert s["accs"] == [0.2, 0.4] and s["n_repeats"] == 2
+    s = summarise([{"acc": 0.2, "acc_unbiased": 0.3, "acc_aligned": 0.4, "acc_conflicting": 0.1, "val_acc": 0.5,
+                    "acc_last": 0.2, "acc_val_selected": 0.25, "selection": "last"},
+                   {"acc": 0.4, "acc_unbiased": 0.5, "acc_aligned": math.nan, "acc_conflicting": 0.3, "val_acc": 0.7,
+                    "acc_last": 0.4, "acc_val_selected": None, "selection": "last"}])
+    assert s["accs"] == [0.2, 0.4] and s["n_repeats"] == 2 and s["selection"] == "last"
     assert s["acc_mean"] == pytest.approx(0.3) and s["acc_std"] == pytest.approx(0.1)
     assert s["acc_aligned_mean"] == pytest.approx(0.4)  # NaN repeats are left out
+    assert s["networks"]["acc_aligned"] == [0.4, None] and s["networks"]["acc_val_selected"] == [0.25, None]
+    assert s["acc_val_selected_mean"] == pytest.approx(0.25) and s["acc_last_mean"] == pytest.approx(0.3)
+
+
+def test_findings_are_read_from_the_stored_evaluations_and_the_recorded_spec(tmp_path):
+    store = ArtifactStore(tmp_path)
+    stages = {f"e{s}{m}": stored_evaluation(store, f"e{s}{m}", s, [base + 0.01 * s, base + 0.02], method=m)
+              for s in range(3) for m, base in (("dm", 0.6), ("random", 0.4))}
+    claim = {"id": "dm-beats-random", "statement": "DM beats the random subset", "a": {"method": "dm"},
+             "b": {"method": "random"}, "expect": "greater"}
+    [f] = study_findings(store, {"stages": stages, "spec": {"findings": [claim]}})
+    assert f["verdict"] == "holds" and f["effect"] == pytest.approx(20.0) and f["n"] == 12
+    assert f["ci95"] == pytest.approx([20.0, 20.0])  # paired on seed and network: a constant difference
+    assert study_findings(store, {"stages": stages, "spec": {}}) == []
 
 
 def started(store, study_id, stages=None, name=None) -> StudyLog:

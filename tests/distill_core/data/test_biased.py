@@ -28,7 +28,7 @@ def fashion():
 
 @pytest.fixture(scope="module")
 def colored_digits(digits_source):
-    return build_biased_dataset(digits_source, "colored", 0.8, 1, seed=0)
+    return build_biased_dataset(digits_source, "colored", 0.8, 1, seed=0, val_fraction=0.1)
 
 
 def test_fashion_mnist_p095_counts(fashion):
@@ -89,10 +89,39 @@ def test_val_index_is_stratified_and_disjoint(colored_digits):
     assert len(x) == len(y) == len(val)
 
 
+def test_nothing_is_held_out_by_default(digits_source):
+    """As upstream: distillation and PTMs see the whole training split unless a study asks for a split."""
+    ds = build_biased_dataset(digits_source, "colored", 0.8, 1, seed=0)
+    assert len(ds.val_index) == 0 and ds.meta["val_split"] is None
+    assert torch.equal(ds.distill_index(), torch.arange(len(ds.train_labels)))
+    assert DatasetConfig(source="digits").val_fraction == 0.0
+
+
+def test_a_balanced_held_out_split_is_unbiased_and_training_keeps_its_ratio(digits_source):
+    """`balanced`: held out by class before biasing, its attributes uniform (p = 1/K); the rest is biased at p
+    with the protocol's exact counts, so only the held-out images differ from a biased split's."""
+    ds = build_biased_dataset(digits_source, "colored", 0.9, 1, seed=0, val_fraction=0.2, val_split="balanced")
+    assert ds.meta["val_split"] == "balanced"
+    val, train = ds.val_index, ds.distill_index()
+    assert len(train) + len(val) == len(ds.train_labels) and not bool(torch.isin(train, val).any())
+    held = attribute_table(ds.train_labels[val], ds.train_attrs[val])
+    rest = attribute_table(ds.train_labels[train], ds.train_attrs[train])
+    for c in range(10):
+        n_c = int((digits_source.train_labels == c).sum())
+        assert held[c].sum() == round(0.2 * n_c)
+        np.testing.assert_array_equal(held[c], protocol_counts(held[c].sum(), c, 0.1))  # uniform attributes
+        np.testing.assert_array_equal(rest[c], protocol_counts(rest[c].sum(), c, 0.9))  # training: p = 0.9
+    biased = build_biased_dataset(digits_source, "colored", 0.9, 1, seed=0, val_fraction=0.2)
+    aligned = lambda d: float((d.train_attrs[d.val_index] == d.train_labels[d.val_index]).float().mean())  # noqa: E731
+    assert aligned(biased) > 0.8 > 0.2 > aligned(ds)  # the biased split is as biased as training, balanced is not
+    with pytest.raises(ValueError, match="val_split"):
+        build_biased_dataset(digits_source, "colored", 0.9, 1, val_fraction=0.2, val_split="uniform")
+
+
 def test_max_per_class(digits_source):
     digits = digits_source
     cap = 40
-    ds = build_biased_dataset(digits, "colored", 0.8, 1, seed=0, max_per_class=cap)
+    ds = build_biased_dataset(digits, "colored", 0.8, 1, seed=0, max_per_class=cap, val_fraction=0.1)
     assert torch.bincount(ds.train_labels, minlength=10).tolist() == [cap] * 10
     table = attribute_table(ds.train_labels, ds.train_attrs)
     for c in range(10):

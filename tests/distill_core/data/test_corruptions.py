@@ -6,7 +6,9 @@ Images: scikit-learn's real digits coloured by the CMNIST-DD builder (RGB,
 
 from __future__ import annotations
 
+import hashlib
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -86,7 +88,8 @@ def test_change_grows_with_severity(images, name, size):
     if name == "frost":
         # Hendrycks' (image weight, frost weight) per level: (1, .3), (.9, .4), (.85, .4), (.75, .45).
         # From level 3 to 4 only the image weight drops, with the frost weight fixed, so bright
-        # pixels lose some of the added frost: the mean change dips there on these images.
+        # pixels lose some of the added frost: the mean change dips there on these images
+        # (about 47.5, 60.1, 58.7, 64.0 levels with the real photographs).
         assert d[0] < d[1] and d[2] < d[3] and d[1] > d[2] and d[3] > d[0]
     elif name == "spatter":
         # levels 2-3 are water drops, levels 4-5 mud: two different corruptions, each growing
@@ -251,13 +254,146 @@ def test_motion_blur_follows_imagemagick_definition():
         np.testing.assert_array_equal(ours[n, 0].numpy(), np.floor(np.floor(out * 257 + 0.5) / 257))
 
 
-def test_frost_textures_are_fixed_assets():
-    bank = C.frost_bank("cpu")
-    assert bank.shape == (5, 3, 160, 224)
-    assert torch.equal(bank, C.frost_texture(5, 160, 224, torch.Generator().manual_seed(C.FROST_BANK_SEED), "cpu"))
-    t = bank / 255
-    assert abs(float(t.mean()) - 0.5) < 0.03 and 0.12 < float(t.std()) < 0.18
-    assert float(t[:, 0].mean()) < float(t[:, 2].mean())  # pale blue-white
+# ------------------------------------------------------------------ frost: the published photographs
+FROST_SHA256 = {  # imagecorruptions 1.1.2 wheel, imagecorruptions/frost/ (= hendrycks/robustness ImageNet-C/create_c/)
+    "frost1.png": "ff9f907860bd7a835d459e32f9d588062b7f61ee267343cc7222b56753a14755",
+    "frost2.png": "fe211a89b336999c207a852ce05818d4545d0b57c5beadd824b4cc9d9a9b6137",
+    "frost3.png": "2d0d50b4a9bb213f38b024ef7768731bb83cc08d2f26b5766bbc167cdfa0e504",
+    "frost4.jpg": "3f8b91ca1a9fa7167b09e773da53f5ae60d0a1fd88f02a783f6e328a72887f6e",
+    "frost5.jpg": "5fc6a19df4a429ba68abdcc8f8a4278d4c9f81c9ccafd2c92ab0c8cf8992ebd2",
+}
+
+
+def test_frost_photographs_are_the_published_files():
+    assert C.FROST_FILES == tuple(FROST_SHA256)  # make_cifar_c.py: idx = np.random.randint(5) of six names
+    assert C.frost_dir() == C.FROST_DIR
+    for name, digest in FROST_SHA256.items():
+        assert hashlib.sha256((C.FROST_DIR / name).read_bytes()).hexdigest() == digest, name
+    assert "Apache License" in (C.FROST_DIR / "LICENSE").read_text()
+    assert "imagecorruptions" in (C.FROST_DIR / "NOTICE").read_text()
+    _, sizes = C.frost_bank("cpu")
+    assert sizes.tolist() == [[120, 180], [63, 112], [63, 112], [70, 105], [99, 132]]  # 0.2 x (600x900, ...)
+
+
+def _cv2_resize_linear_np(img: np.ndarray, f: float) -> np.ndarray:
+    """cv2.resize(img, (0, 0), fx=f, fy=f) with INTER_LINEAR on uint8 (H, W, C), ported to NumPy.
+
+    OpenCV's 8-bit path: output side cvRound(side * f); source position
+    (d + 0.5) / f - 0.5 in float32, clamped at the borders; weights (1 - a, a)
+    as 11-bit fixed point; horizontal pass into ints; vertical pass rounded as
+    its vectorised VResizeLinear does. (Checked byte-identical to OpenCV 4.14
+    at scales 0.2, 0.25, 0.3, 0.37, 0.71 on frost1/frost4; at 0.2 every weight
+    is (1, 0).)
+    """
+    def taps(n_in, n_out):
+        pos = ((np.arange(n_out) + 0.5) * (1.0 / f) - 0.5).astype(np.float32)
+        s = np.floor(pos).astype(np.int64)
+        a = (pos - s).astype(np.float32)
+        a = np.where(s < 0, np.float32(0), a)
+        s = np.maximum(s, 0)
+        a = np.where(s >= n_in - 1, np.float32(0), a)
+        s = np.minimum(s, n_in - 1)
+        c1 = np.rint(a * np.float32(2048)).astype(np.int64)
+        c0 = np.rint((np.float32(1) - a) * np.float32(2048)).astype(np.int64)
+        return s, np.minimum(s + 1, n_in - 1), c0, c1
+
+    h, w = img.shape[:2]
+    oh, ow = int(np.rint(h * f)), int(np.rint(w * f))
+    x0, x1, cx0, cx1 = taps(w, ow)
+    y0, y1, cy0, cy1 = taps(h, oh)
+    src = img.astype(np.int64)
+    rows = src[:, x0] * cx0[None, :, None] + src[:, x1] * cx1[None, :, None]
+    out = ((cy0[:, None, None] * (rows[y0] >> 4)) >> 16) + ((cy1[:, None, None] * (rows[y1] >> 4)) >> 16)
+    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+
+
+def upstream_frost(img: np.ndarray, level: int, idx: int, x_start: int, y_start: int) -> np.ndarray:
+    """make_cifar_c.py's frost on one HWC uint8 image, its two randint draws given (crop of the image's size).
+
+    With OpenCV where installed (the reference's cv2.imread + cv2.resize), else
+    PIL's decoding (the same libjpeg-turbo; alpha dropped as cv2.imread does)
+    as BGR and the NumPy port of cv2.resize above.
+    """
+    c = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][level - 1]
+    filename = str(C.frost_dir() / ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"][idx])
+    try:
+        import cv2
+    except ImportError:
+        frost = np.array(Image.open(filename).convert("RGB"))[..., ::-1]  # cv2.imread: BGR
+        frost = _cv2_resize_linear_np(frost, 0.2)
+    else:
+        frost = cv2.resize(cv2.imread(filename), (0, 0), fx=0.2, fy=0.2)
+    h, w = img.shape[:2]
+    assert 0 <= x_start < frost.shape[0] - h and 0 <= y_start < frost.shape[1] - w  # randint's ranges
+    frost = frost[x_start:x_start + h, y_start:y_start + w][..., [2, 1, 0]]
+    return np.clip(c[0] * np.array(img) + c[1] * frost, 0, 255)
+
+
+@pytest.mark.parametrize("size", ["28", "32"])
+def test_frost_matches_the_reference_recipe(images, varied, size):
+    x = (varied if size == "32" else images["28"])[:6]
+    h, w = x.shape[-2:]
+    _, sizes = C.frost_bank("cpu")
+    for level in (2, 3, 4, 5):
+        for idx in range(5):
+            th, tw = sizes[idx].tolist()
+            for top, left in ((0, 0), (th - h - 1, tw - w - 1), (th // 3, tw // 2)):  # first, last, middle corners
+                n = len(x)
+                ours = C.frost_at(x, level, torch.full((n,), idx), torch.full((n,), top), torch.full((n,), left))
+                ref = np.stack([upstream_frost(im, level, idx, top, left) for im in x.permute(0, 2, 3, 1).numpy()])
+                # float64 there and here, same operations: equal values, and so equal np.uint8 bytes
+                np.testing.assert_array_equal(ours.permute(0, 2, 3, 1).numpy(), ref)
+
+
+def test_frost_draws_a_photograph_and_a_corner_per_image(varied):
+    x = varied[:40].repeat(10, 1, 1, 1)  # 400 images
+    n, (h, w) = len(x), x.shape[-2:]
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    out = C.frost(x, 4, g)
+    g.set_state(state)  # the same draws, in the documented order: photographs, then rows, then columns
+    _, sizes = C.frost_bank("cpu")
+    idx = torch.floor(torch.rand(n, generator=g) * 5).long()
+    top = torch.floor(torch.rand(n, generator=g) * (sizes[idx, 0] - h)).long()
+    left = torch.floor(torch.rand(n, generator=g) * (sizes[idx, 1] - w)).long()
+    assert torch.equal(out, C.frost_at(x, 4, idx, top, left))
+    assert torch.bincount(idx, minlength=5).min() > 50  # all five photographs, about equally
+    assert bool((top < sizes[idx, 0] - h).all() and (left < sizes[idx, 1] - w).all())  # randint's open bound
+    with pytest.raises(ValueError, match="smaller than every scaled frost photograph"):
+        C.frost(torch.zeros(1, 3, 63, 32, dtype=torch.uint8), 2, g)
+
+
+def test_frost_falls_back_to_an_installed_imagecorruptions(tmp_path, monkeypatch):
+    pkg = tmp_path / "site" / "imagecorruptions"
+    (pkg / "frost").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    for name in FROST_SHA256:
+        shutil.copy(C.FROST_DIR / name, pkg / "frost" / name)
+    expected = C.frost_bank("cpu")
+    monkeypatch.setattr(C, "FROST_DIR", tmp_path / "missing")
+    monkeypatch.setattr(C, "_FROST_CACHE", {})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert C.frost_dir() == pkg / "frost"
+    bank, sizes = C.frost_bank("cpu")
+    assert torch.equal(bank, expected[0]) and torch.equal(sizes, expected[1])
+
+
+def test_frost_without_photographs_names_where_it_looked(tmp_path, monkeypatch, images):
+    shipped = C.FROST_DIR
+    monkeypatch.setattr(C, "FROST_DIR", tmp_path / "no_frost")
+    monkeypatch.setattr(C, "_FROST_CACHE", {})
+    monkeypatch.setattr(C, "imagecorruptions_frost_dir", lambda: None)  # not installed
+    x, attrs = images["32"][:2], torch.full((2,), CORRUPTIONS.index("frost"))
+    with pytest.raises(FileNotFoundError) as err:
+        corrupt_batch(x, attrs, 1, torch.Generator().manual_seed(0))
+    msg = str(err.value)
+    assert str(tmp_path / "no_frost") in msg and "frost1.png" in msg and "imagecorruptions" in msg
+    partial = tmp_path / "ic_frost"  # installed, but incomplete
+    partial.mkdir()
+    shutil.copy(shipped / "frost1.png", partial / "frost1.png")
+    monkeypatch.setattr(C, "imagecorruptions_frost_dir", lambda: partial)
+    with pytest.raises(FileNotFoundError, match="looked in .*no_frost.* and in .*ic_frost"):
+        C.frost_dir()
 
 
 # ------------------------------------------------------------------ inputs and the builder

@@ -188,7 +188,7 @@ class CountingGuidance:
     def __init__(self):
         self.calls = 0
 
-    def loss(self, x_syn, y_syn, generator):
+    def loss(self, x_syn, y_syn):
         self.calls += 1
         return 0.5 * (x_syn ** 2).mean()
 
