@@ -331,6 +331,13 @@ def _sort_key(value: Any):
     return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
 
 
+def _both_groups(claim: ClaimSpec, evals: list[Evaluation]) -> bool:
+    """Whether a comparison's two groups both have evaluations here (a trend: any evaluation)."""
+    if claim.trend:
+        return bool(evals)
+    return any(matches(e.coords, claim.a) for e in evals) and any(matches(e.coords, claim.b) for e in evals)
+
+
 def evaluate_claim(claim: ClaimSpec, evals: list[Evaluation], replicates: int = REPLICATES) -> list[Finding]:
     """The claim's findings: one, or one per level combination of `per`."""
     scoped = [e for e in evals if matches(e.coords, claim.where)]
@@ -340,7 +347,7 @@ def evaluate_claim(claim: ClaimSpec, evals: list[Evaluation], replicates: int = 
         parts = []
         for combo in product(*levels):
             chosen = [e for e in scoped if tuple(_label(e.coords.get(p)) for p in claim.per) == combo]
-            if chosen:
+            if _both_groups(claim, chosen):  # a level only one side has (a baseline method, say) tests nothing
                 parts.append((f"{claim.id}[{','.join(f'{p}={v}' for p, v in zip(claim.per, combo))}]", chosen))
         parts = parts or [(claim.id, [])]
     out = []

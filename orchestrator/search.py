@@ -96,7 +96,7 @@ def run_trial(sampled: dict, stage: Stage, store_root: str, runtime: dict, cpus:
     # every iteration reaches `report` (log_every 1); the kept history is thinned back to the setting's
     get_method(distill.method).distill(
         real, distill.model_copy(update={"log_every": 1}), rt,
-        guidance=build_guidance(store, stage, real, distill.guidance), experts=experts or None, progress=report)
+        guidance=build_guidance(store, stage, real, distill.guidance, distill.seed), experts=experts or None, progress=report)
 
 
 # --- the search ---------------------------------------------------------------------------------

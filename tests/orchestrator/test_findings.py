@@ -91,7 +91,8 @@ def test_per_splits_a_claim_and_cells_average_over_other_coordinates():
                 vals = [0.5 + 0.01 * s, 0.52, 0.49]
                 evals += [ev(s, vals, method=method, eval_arch=arch),
                           ev(s, [v + gain for v in vals], method=method, eval_arch=arch, guidance="clom:p:a1")]
-    found = {f.id: f for f in evaluate_claim(compare_claim(per=["method"]), evals)}
+    baseline = [ev(s, [0.3, 0.31], method="random") for s in range(3)]  # unguided only: nothing to compare
+    found = {f.id: f for f in evaluate_claim(compare_claim(per=["method"]), evals + baseline)}
     assert set(found) == {"clom-helps[method=dc]", "clom-helps[method=dm]"}
     assert found["clom-helps[method=dm]"].verdict == "holds" and found["clom-helps[method=dc]"].verdict == "contradicted"
     assert found["clom-helps[method=dm]"].detail["cells"] == 2  # convnet and mlp, averaged
