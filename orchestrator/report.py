@@ -27,7 +27,8 @@ from pathlib import Path
 
 from orchestrator.figures import png, pyplot
 from orchestrator.findings import safe_name
-from orchestrator.studies import DONE, RESULT_KEYS, ROW_EXTRAS, study_findings, study_results
+from orchestrator.studies import (DONE, RESULT_KEYS, ROW_EXTRAS, evaluation_results, study_findings,
+                                  study_results)
 
 ACROSS = ("aligned_ratio", "severity", "guidance")  # what a table spreads along the top when it varies
 PERCENT = 100.0
@@ -243,8 +244,9 @@ def finding_plot_name(finding_id: str) -> str:
 def build_report(store, record: dict, out: Path) -> dict:
     """Write report.md, report.html and the plots under `out`; return what was written and the rows."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = study_results(store, record)
-    findings = study_findings(store, record)
+    results = evaluation_results(store, record)  # read once, for the rows and the claims
+    rows = study_results(store, record, results)
+    findings = study_findings(store, record, results)
     tables = [*([findings_table(findings)] if findings else []), *paper_tables(rows), flat_table(rows)]
     plots = {finding_plot_name(f["id"]): plot_finding(f) for f in findings}
     plots |= {"accuracy_vs_aligned_ratio.png": plot_ratio(rows), "aligned_vs_conflicting.png": plot_bias_gap(rows),

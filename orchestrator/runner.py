@@ -34,7 +34,8 @@ from orchestrator.spec import StudySpec
 from orchestrator.object_store import open_leases, open_store
 from orchestrator.paths import absolute_sqlite
 from orchestrator.store import ArtifactStore
-from orchestrator.studies import DONE, HEARTBEAT_S, StudyLog, load_record, study_findings, study_results
+from orchestrator.studies import (DONE, HEARTBEAT_S, StudyLog, evaluation_results, load_record, study_findings,
+                                  study_results)
 from orchestrator.tracking import Tracker, check_uri, redact
 from orchestrator.tracking_session import NoTracking, TrackingSession, fully_tracked
 
@@ -279,7 +280,9 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
             leases.release_all()
             raise
         counts = log.counts()
-        findings = study_findings(store, load_record(store, study_id)) if spec.findings else []
+        record = load_record(store, study_id)
+        results = evaluation_results(store, record)  # read once, for the claims and the rows
+        findings = study_findings(store, record, results) if spec.findings else []
         if findings and tracker is not None and parent is not None:
             try:  # best-effort, as all tracking: the store holds what the findings are computed from
                 tracker.log_findings(parent, findings)
@@ -297,7 +300,7 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
                                             f"run `ddray study sync {study_id}`"})
     attempts = {graph.stages[k].label: n for k, n in ((k, store.attempts(k)) for k, st in log.states.items()
                                                        if st == "executed") if n > 1}
-    outcome = StudyOutcome(study_id, state, counts, parent, study_results(store, load_record(store, study_id)),
+    outcome = StudyOutcome(study_id, state, counts, parent, study_results(store, record, results),
                            dict(log.errors), attempts, tracked, search_summaries(store, graph, log.states), findings)
     emit({"type": "end", **outcome.summary()})
     return outcome

@@ -245,13 +245,17 @@ def evaluation_results(store: ArtifactStore, record: dict) -> list[dict]:
             if st["kind"] == "evaluate" and st["state"] in DONE]
 
 
-def study_findings(store: ArtifactStore, record: dict) -> list[dict]:
-    """The spec's claims (`findings:`) evaluated on the study's finished evaluations (`orchestrator.findings`)."""
+def study_findings(store: ArtifactStore, record: dict, results: list[dict] | None = None) -> list[dict]:
+    """The spec's claims (`findings:`) evaluated on the study's finished evaluations (`orchestrator.findings`);
+    `results`: those evaluations' stored results, where the caller has read them already."""
     claims = [ClaimSpec(**c) for c in (record.get("spec") or {}).get("findings") or []]
-    return evaluate_findings(claims, [evaluation_of(r) for r in evaluation_results(store, record)]) if claims else []
+    if not claims:
+        return []
+    results = evaluation_results(store, record) if results is None else results
+    return evaluate_findings(claims, [evaluation_of(r) for r in results])
 
 
-def study_results(store: ArtifactStore, record: dict) -> list[dict]:
+def study_results(store: ArtifactStore, record: dict, results: list[dict] | None = None) -> list[dict]:
     """One row per evaluated setting: grid coordinates and accuracy over distillation seeds x networks.
 
     Evaluation stages that differ only in their distillation seed are one row:
@@ -260,7 +264,7 @@ def study_results(store: ArtifactStore, record: dict) -> list[dict]:
     `n_distillations` and `n_repeats` (networks per distillation).
     """
     groups: dict[str, list[dict]] = {}
-    for result in evaluation_results(store, record):
+    for result in evaluation_results(store, record) if results is None else results:
         coords = result["coords"]
         row_key = json.dumps([coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)], sort_keys=True, default=str)
         groups.setdefault(row_key, []).append(result)
