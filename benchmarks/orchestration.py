@@ -42,13 +42,14 @@ import subprocess  # noqa: E402
 
 import yaml  # noqa: E402
 
-from orchestrator.executors import InlineExecutor  # noqa: E402
-from orchestrator.graph import Stage, StageGraph  # noqa: E402
-from orchestrator.leases import Leases, Owner  # noqa: E402
-from orchestrator.scheduler import Scheduler  # noqa: E402
-from orchestrator.spec import ResourcesSpec  # noqa: E402
-from orchestrator.store import ArtifactStore  # noqa: E402
-from orchestrator.studies import StudyLog  # noqa: E402
+from orchestrator.execution.executors import InlineExecutor  # noqa: E402
+from orchestrator.stages.base import Stage  # noqa: E402
+from orchestrator.plan.graph import StageGraph
+from orchestrator.storage.leases import Leases, Owner  # noqa: E402
+from orchestrator.execution.scheduler import Scheduler  # noqa: E402
+from orchestrator.spec.models import ResourcesSpec  # noqa: E402
+from orchestrator.storage.local import ArtifactStore  # noqa: E402
+from orchestrator.storage.studies import StudyLog  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -119,10 +120,10 @@ def small_study(epochs: int, iterations: int, eval_epochs: int, executor: str = 
 def bench_study(root: Path, sizes: tuple[int, int, int]) -> dict:
     import ray
 
-    from orchestrator.graph import build_stage_graph
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
-    from orchestrator.stages import execute_stage
+    from orchestrator.plan.graph import build_stage_graph
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
+    from orchestrator.stages.worker import execute_stage
 
     out = {}
     spec = parse_spec(small_study(*sizes))
@@ -168,7 +169,7 @@ def bench_study(root: Path, sizes: tuple[int, int, int]) -> dict:
 def bench_tracking(n: int, root: Path) -> dict:
     from mlflow.entities import Metric, Param
 
-    from orchestrator.tracking import Tracker, TrackingQueue
+    from orchestrator.tracking.tracker import Tracker, TrackingQueue
 
     tracker = Tracker(f"sqlite:///{root}/mlflow.db", "bench")
     tracker.ensure_experiment()

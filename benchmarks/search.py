@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
 
-from orchestrator.runner import submit_study  # noqa: E402
-from orchestrator.spec import parse_spec  # noqa: E402
+from orchestrator.execution.submit import submit_study  # noqa: E402
+from orchestrator.spec.loading import parse_spec  # noqa: E402
 
 
 def study(name: str, quick: bool, search: dict) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+import orchestrator  # its exports resolve on first use: `ddray --help` imports no torch, Ray or MLflow
 from cli import render
 from orchestrator.errors import UserError
 
@@ -53,10 +53,9 @@ def handles_errors(fn):
                 err.print(f"[red]error:[/red] {escape(line)}", markup=True, highlight=False)
             raise typer.Exit(2)
         except KeyboardInterrupt as exc:
-            from orchestrator.scheduler import Terminated
 
-            err.print("terminated" if isinstance(exc, Terminated) else "interrupted")
-            raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
+            err.print("terminated" if isinstance(exc, orchestrator.Terminated) else "interrupted")
+            raise typer.Exit(143 if isinstance(exc, orchestrator.Terminated) else 130)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug, not bad input: still one line unless debugging
@@ -75,8 +74,7 @@ def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _store(path: Optional[str]):
-    from orchestrator.object_store import open_store
-    return open_store(path or "./ddray-store")
+    return orchestrator.open_store(path or "./ddray-store")
 
 
 # --- study ------------------------------------------------------------------------------------------
@@ -86,17 +84,14 @@ def _store(path: Optional[str]):
 def study_validate(spec: Path = typer.Argument(..., help="Study spec (YAML)."), max_stages: int = MaxStagesOpt,
                    profile: Optional[str] = ProfileOpt):
     """Check a spec (and each of its profiles); print stage counts. Exit 2 with one line per problem."""
-    from orchestrator.datasets import missing_data
-    from orchestrator.graph import build_stage_graph
-    from orchestrator.spec import load_spec, profiles_of
 
-    for name in [profile] if profile else [None, *profiles_of(spec)]:
-        s = load_spec(spec, name)
-        counts = build_stage_graph(s, max_stages).counts()
+    for name in [profile] if profile else [None, *orchestrator.profiles_of(spec)]:
+        s = orchestrator.load_spec(spec, name)
+        counts = orchestrator.build_stage_graph(s, max_stages).counts()
         shown = f"{spec} --profile {name}" if name else str(spec)
         out.print(f"{shown}: valid (study {s.study_id}; stages: " +
                   ", ".join(f"{k} {v}" for k, v in counts.items()) + ")", highlight=False)
-        for line in missing_data(s):
+        for line in orchestrator.missing_data(s):
             out.print(f"  {line}", highlight=False)
 
 
@@ -117,18 +112,15 @@ def study_submit(
     profile: Optional[str] = ProfileOpt,
 ):
     """Run a study: every stage not already in the store, in parallel on Ray (here, or as a job on a cluster)."""
-    from orchestrator.jobs import is_jobs_address
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import read_spec
 
     # a cluster's driver cannot use the laptop's directories: relative paths stay as written, and are refused
-    s, text = read_spec(spec, profile, anchored=not is_jobs_address(address))
-    if is_jobs_address(address):
+    s, text = orchestrator.read_spec(spec, profile, anchored=not orchestrator.is_jobs_address(address))
+    if orchestrator.is_jobs_address(address):
         return _submit_job(s, spec, address, store, tracking_uri, max_stages, json_out, no_wait, profile)
     view = render.ProgressView(err)
     on_event = view if not events else render.EventPrinter(view)
     try:
-        outcome = submit_study(s, text, store_root=store, tracking_uri=tracking_uri,
+        outcome = orchestrator.submit_study(s, text, store_root=store, tracking_uri=tracking_uri,
                                address=address, num_cpus=num_cpus, on_event=on_event, max_stages=max_stages)
     finally:
         view.stop()
@@ -164,15 +156,13 @@ def _report(study_id, state, results, errors, summary, attempts, tracking, json_
 def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, json_out, no_wait,
                 profile: str | None = None) -> None:
     """The study's driver as a Ray job on the cluster; this command follows it (or returns with --no-wait)."""
-    from orchestrator.jobs import Cluster, check_cluster_paths
-    from orchestrator.tracking import check_uri, redact
 
     store_root, uri = store or s.store.root, tracking_uri or s.tracking.uri
-    check_uri(uri)
-    check_cluster_paths(store_root, uri)
-    cluster = Cluster(address)
+    orchestrator.check_uri(uri)
+    orchestrator.check_cluster_paths(store_root, uri)
+    cluster = orchestrator.Cluster(address)
     # the URI travels without its password: the cluster's drivers take MLFLOW_TRACKING_* from their environment
-    args = ["--store", store_root, "--tracking-uri", redact(uri), "--max-stages", str(max_stages)]
+    args = ["--store", store_root, "--tracking-uri", orchestrator.redact(uri), "--max-stages", str(max_stages)]
     args += ["--profile", profile] if profile else []
     submission, attached = cluster.submit(s.study_id, s.name, spec, args)
     err.print(f"study {s.study_id}: {'following the running' if attached else 'submitted'} job {submission} "
@@ -206,11 +196,9 @@ def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, js
 def study_status(study_id: str, json_out: bool = typer.Option(False, "--json", metavar=""), store: Optional[str] = StoreOpt,
                  address: Optional[str] = AddressOpt):
     """State of a study (running, succeeded, failed, interrupted, cancelled, abandoned) and of its stages."""
-    from orchestrator.jobs import Cluster, is_jobs_address
-    from orchestrator.studies import load_record
 
-    if is_jobs_address(address):
-        status = Cluster(address).status(study_id)
+    if orchestrator.is_jobs_address(address):
+        status = orchestrator.Cluster(address).status(study_id)
         if json_out:
             print(render.json_line({**status, "stages": {k: {x: v.get(x) for x in ("kind", "label", "state")}
                                                          for k, v in status["stages"].items()}}))
@@ -221,7 +209,7 @@ def study_status(study_id: str, json_out: bool = typer.Option(False, "--json", m
         view.study_id, view.stages = study_id, status["stages"]
         out.print(view.render())
         return
-    rec = load_record(_store(store), study_id)
+    rec = orchestrator.load_record(_store(store), study_id)
     summary = {"study_id": rec["study_id"], "state": rec["state"], "counts": rec["counts"],
                "attempts": rec.get("attempts", 1), "parent_run_id": rec.get("parent_run_id"),
                "tracking_uri": rec.get("tracking_uri"), "store": rec.get("store_root"),
@@ -252,10 +240,9 @@ def study_list(json_out: bool = typer.Option(False, "--json", metavar=""), store
     """All studies in the store."""
     from rich.table import Table
 
-    from orchestrator.studies import list_studies
 
     st = _store(store)
-    studies = list_studies(st)
+    studies = orchestrator.list_studies(st)
     rows = [{"study_id": r["study_id"], "name": r.get("name"), "state": r["state"], **r["counts"]} for r in studies]
     if json_out:
         print(render.json_line(rows))
@@ -280,19 +267,17 @@ def study_logs(study_id: str,
                tail: int = typer.Option(40, "--tail", help="Transitions shown when no stage is named."),
                address: Optional[str] = AddressOpt):
     """A stage's log (every attempt), the study's latest transitions, or with --address its job's driver log."""
-    from orchestrator.jobs import Cluster, is_jobs_address
-    from orchestrator.studies import load_record, stage_matching
 
-    if is_jobs_address(address) and stage is None:
-        sys.stdout.write(Cluster(address).logs(study_id))
+    if orchestrator.is_jobs_address(address) and stage is None:
+        sys.stdout.write(orchestrator.Cluster(address).logs(study_id))
         return
     st = _store(store)
-    rec = load_record(st, study_id)
+    rec = orchestrator.load_record(st, study_id)
     if stage is None:
         for line in render.transitions(rec, tail):
             out.print(line, highlight=False, markup=False)
         return
-    key, info = stage_matching(rec, stage)
+    key, info = orchestrator.stage_matching(rec, stage)
     logs = st.stage_logs(key)
     if not logs:
         raise UserError(f"stage '{info['label']}' ({key}): no log in the store (state {info['state']})")
@@ -305,13 +290,11 @@ def study_logs(study_id: str,
 @handles_errors
 def study_cancel(study_id: str, store: Optional[str] = StoreOpt, address: Optional[str] = AddressOpt):
     """Ask a running study to stop: running stages are cancelled, finished ones stay in the store."""
-    from orchestrator.jobs import Cluster, is_jobs_address
-    from orchestrator.studies import request_cancel
 
-    if is_jobs_address(address):
-        out.print(f"study {study_id}: stopping job {Cluster(address).cancel(study_id)}", highlight=False)
+    if orchestrator.is_jobs_address(address):
+        out.print(f"study {study_id}: stopping job {orchestrator.Cluster(address).cancel(study_id)}", highlight=False)
         return
-    rec = request_cancel(_store(store), study_id)
+    rec = orchestrator.request_cancel(_store(store), study_id)
     if rec["state"] != "running":
         out.print(f"study {rec['study_id']} is {rec['state']}, not running; nothing to cancel", highlight=False)
         return
@@ -325,9 +308,8 @@ def study_sync(study_id: str, store: Optional[str] = StoreOpt,
                                                           help="Tracking URI (default: the study's, as recorded)."),
                json_out: bool = typer.Option(False, "--json", metavar="")):
     """Log to MLflow every finished stage that has no run yet (after a tracking outage)."""
-    from orchestrator.runner import sync_study
 
-    result = sync_study(_store(store), study_id, tracking_uri)
+    result = orchestrator.sync_study(_store(store), study_id, tracking_uri)
     if json_out:
         print(render.json_line(result))
         return
@@ -343,12 +325,11 @@ def study_results_cmd(study_id: str,
                       format: str = typer.Option("table", "--format", help="table | json | csv"),
                       store: Optional[str] = StoreOpt):
     """One row per (dataset, aligned_ratio, severity, method, ipc, guidance, eval_arch)."""
-    from orchestrator.studies import load_record, study_results
 
     _one_of("--format", format, ("table", "json", "csv"))
     st = _store(store)
-    rec = load_record(st, study_id)
-    rows = study_results(st, rec)
+    rec = orchestrator.load_record(st, study_id)
+    rows = orchestrator.study_results(st, rec)
     if format == "json":
         print(render.json_line(rows))
     elif format == "csv":
@@ -363,11 +344,10 @@ def study_results_cmd(study_id: str,
 def study_findings_cmd(study_id: str, json_out: bool = typer.Option(False, "--json", metavar=""),
                        store: Optional[str] = StoreOpt):
     """The spec's claims tested on the results: effect, 95% interval, verdict (holds | contradicted | inconclusive)."""
-    from orchestrator.studies import load_record, study_findings
 
     st = _store(store)
-    rec = load_record(st, study_id)
-    findings = study_findings(st, rec)
+    rec = orchestrator.load_record(st, study_id)
+    findings = orchestrator.study_findings(st, rec)
     if json_out:
         print(render.json_line({"findings": findings}))
     elif not findings:
@@ -382,16 +362,14 @@ def study_report(study_id: str, out_dir: Path = typer.Option(Path("report"), "--
                  store: Optional[str] = StoreOpt,
                  no_log: bool = typer.Option(False, "--no-log", metavar="", help="Do not log the report to MLflow.")):
     """Markdown and HTML tables as the papers lay them out, with plots; logged to the study's MLflow run."""
-    from orchestrator.report import build_report, log_report
-    from orchestrator.studies import load_record
 
     st = _store(store)
-    rec = load_record(st, study_id)
-    written = build_report(st, rec, out_dir)
+    rec = orchestrator.load_record(st, study_id)
+    written = orchestrator.build_report(st, rec, out_dir)
     out.print(f"report of {rec['study_id']}: {len(written['rows'])} rows, {len(written['tables'])} tables, "
               f"{len(written['files']) - 2} plots in {out_dir}/ (report.html, report.md)", highlight=False)
     if not no_log:
-        problem = log_report(rec, out_dir, written["files"])
+        problem = orchestrator.log_report(rec, out_dir, written["files"])
         if problem:
             err.print(f"[yellow]tracking:[/yellow] report not logged to MLflow ({escape(problem)})", highlight=False)
 
@@ -401,13 +379,11 @@ def study_report(study_id: str, out_dir: Path = typer.Option(Path("report"), "--
 def study_compare(study_a: str, study_b: str, store: Optional[str] = StoreOpt,
                   format: str = typer.Option("table", "--format", help="table | json")):
     """Two studies' rows side by side on their coordinates, with b - a."""
-    from orchestrator.report import compare_rows
-    from orchestrator.studies import load_record, study_results
 
     _one_of("--format", format, ("table", "json"))
     st = _store(store)
-    recs = [load_record(st, s) for s in (study_a, study_b)]
-    rows = compare_rows(*(study_results(st, r) for r in recs))
+    recs = [orchestrator.load_record(st, s) for s in (study_a, study_b)]
+    rows = orchestrator.compare_rows(*(orchestrator.study_results(st, r) for r in recs))
     if format == "json":
         print(render.json_line(rows))
     else:
@@ -432,16 +408,13 @@ def evaluate_external(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus"),
 ):
     """Evaluate a synthetic set made elsewhere with a study's exact protocol, beside the same random baseline."""
-    from orchestrator.external import external_study
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import read_spec
 
     _one_of("--space", space, ("pixels", "normalized"))
-    s, text = read_spec(spec, profile)
-    study, graph = external_study(s, synthetic, dataset, protocol, space, aligned_ratio, severity)
+    s, text = orchestrator.read_spec(spec, profile)
+    study, graph = orchestrator.external_study(s, synthetic, dataset, protocol, space, aligned_ratio, severity)
     view = render.ProgressView(err)
     try:
-        outcome = submit_study(study, text, store_root=store, tracking_uri=tracking_uri, num_cpus=num_cpus,
+        outcome = orchestrator.submit_study(study, text, store_root=store, tracking_uri=tracking_uri, num_cpus=num_cpus,
                                on_event=view, graph=graph)
     finally:
         view.stop()
@@ -465,18 +438,16 @@ def dataset_build(
     store: Optional[str] = StoreOpt,
 ):
     """Build (or reuse) biased dataset variants in the store."""
-    from orchestrator.datasets import build_variants, dataset_spec_from_flags
-    from orchestrator.spec import load_spec
 
     if spec is None and source is None:
         raise UserError("give --source (with --bias, --aligned-ratio, --severity) or --spec")
     if spec is not None:
-        s = load_spec(spec)
+        s = orchestrator.load_spec(spec)
         specs, st = list(s.datasets), _store(store or s.store.root)
     else:
-        specs = [dataset_spec_from_flags(source, bias, aligned_ratio, severity, max_per_class, data_root)]
+        specs = [orchestrator.dataset_spec_from_flags(source, bias, aligned_ratio, severity, max_per_class, data_root)]
         st = _store(store)
-    results = [r for ds in specs for r in build_variants(ds, st)]
+    results = [r for ds in specs for r in orchestrator.build_variants(ds, st)]
     for r in results:
         if not json_out:
             out.print(render.counts_table(r["counts"], f"{r['label']} ({r['key']}){' [cached]' if r['cached'] else ''}"))
@@ -497,9 +468,8 @@ def dataset_show(name: str = typer.Argument(..., help="Dataset key (or prefix) o
                  out_png: Optional[Path] = typer.Option(None, "--png", help="Copy the sample grid here."),
                  store: Optional[str] = StoreOpt):
     """Per-class aligned/conflicting counts and the sample grid (aligned then conflicting per class)."""
-    from orchestrator.datasets import find_dataset
 
-    r = find_dataset(_store(store), name)
+    r = orchestrator.find_dataset(_store(store), name)
     out.print(render.counts_table(r["counts"], f"{r['label']} ({r['key']})"))
     if out_png is not None:  # a file only when asked for
         shutil.copyfile(r["grid_path"], out_png)
@@ -515,12 +485,10 @@ def dataset_show(name: str = typer.Argument(..., help="Dataset key (or prefix) o
 def list_registry(kind: str = typer.Argument(..., help="methods | architectures | sources"),
                   json_out: bool = typer.Option(False, "--json", metavar="", help="One JSON line instead of a table.")):
     """The registered methods (defaults, options), architectures (overrides) or data sources."""
-    from orchestrator.catalogue import KINDS, catalogue
-    from orchestrator.spec_errors import suggest
 
-    if kind not in KINDS:
-        raise UserError(f"list: unknown kind '{kind}'{suggest(kind, KINDS)}")
-    entries = catalogue(kind)
+    if kind not in orchestrator.CATALOGUE_KINDS:
+        raise UserError(f"list: unknown kind '{kind}'{orchestrator.suggest(kind, orchestrator.CATALOGUE_KINDS)}")
+    entries = orchestrator.catalogue(kind)
     if json_out:
         print(render.json_line(entries))
     else:
@@ -529,9 +497,8 @@ def list_registry(kind: str = typer.Argument(..., help="methods | architectures 
 
 def _version(value: bool) -> None:
     if value:
-        from orchestrator.catalogue import version
 
-        print(f"ddray {version()}")
+        print(f"ddray {orchestrator.version()}")
         raise typer.Exit()
 
 
@@ -550,44 +517,14 @@ def ui(study_id: Optional[str] = typer.Argument(None, help="Open this study's tr
        port: int = typer.Option(5000, "--port"),
        store: Optional[str] = StoreOpt):
     """The MLflow UI on the study's tracking URI, bound to 127.0.0.1."""
-    from orchestrator.paths import sqlite_file
-    from orchestrator.studies import load_record
 
     uri = tracking_uri
     if study_id:
-        uri = load_record(_store(store), study_id)["tracking_uri"]
+        uri = orchestrator.load_record(_store(store), study_id)["tracking_uri"]
     uri = uri or "sqlite:///mlflow.db"
-    db = sqlite_file(uri)
-    if db is not None and not db.exists():
-        raise UserError(f"tracking uri '{uri}': no such database (run a study first)")
-    import signal
-    import socket
-
-    with socket.socket() as probe:  # a busy port is the user's to resolve, not a server that dies at once
-        # busy means something listens: connections a previous server closed (TIME_WAIT, a minute) do not
-        # count, as they do not for the server itself (uvicorn sets SO_REUSEADDR too)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise UserError(f"--port: 127.0.0.1:{port} is in use (choose another with --port)") from None
-    err.print(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(cmd, start_new_session=True)  # its own group: stopping it stops its workers
-
-    def stop(signum, frame):
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
-    code = server.wait()
-    try:  # whatever is left of its group (uvicorn workers) goes with it
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    raise typer.Exit(0 if code in (0, -signal.SIGTERM) else code)
+    orchestrator.check_ui(uri, port)
+    err.print(f"MLflow UI for {orchestrator.redact(uri)} on http://127.0.0.1:{port}")
+    raise typer.Exit(orchestrator.serve_ui(uri, port))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,13 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.graph import STAGE_KINDS
+import orchestrator  # exports resolve on first use
 
-STATES = ("pending", "running", "executed", "cached", "reused", "failed", "skipped")
 STATE_STYLE = {"pending": "dim", "running": "yellow", "executed": "green", "cached": "cyan", "reused": "cyan",
                "failed": "red", "skipped": "magenta"}
 
 
 def ago(t: float | None) -> str:
-    import time
-
     if not t:
         return "never"
     s = time.time() - t
@@ -39,19 +36,11 @@ def fmt(v) -> str:
     return str(v)
 
 
-def eta(stages: dict[str, dict], run_s: dict[str, list[float]], started: float, now: float) -> str | None:
-    """Time left: each kind's remaining stages x its mean run time so far, over the concurrency seen so far."""
-    done = sum(len(v) for v in run_s.values())
-    if not done:
+def eta_text(left: tuple[float, bool] | None) -> str | None:
+    """`ETA ~12 min`, from `StudyProgress.eta_seconds`."""
+    if left is None:
         return None
-    busy = sum(sum(v) for v in run_s.values())
-    concurrency = max(1.0, busy / max(1e-6, now - started))
-    left = 0.0
-    for kind, times in run_s.items():
-        remaining = sum(1 for st in stages.values() if st["kind"] == kind and st["state"] in ("pending", "running"))
-        left += remaining * sum(times) / len(times)
-    unknown = any(st["state"] in ("pending", "running") and st["kind"] not in run_s for st in stages.values())
-    seconds = left / concurrency
+    seconds, unknown = left
     text = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
     return f"ETA ~{text}" + (" (+ kinds not yet timed)" if unknown else "")
 
@@ -65,19 +54,20 @@ class ProgressView:
 
     def __init__(self, console: Console):
         self.console = console
-        self.stages: dict[str, dict] = {}
+        self.progress = orchestrator.StudyProgress()
         self.study_id = ""
         self.live: Live | None = None
         self.notes: list[str] = []
-        self.run_s: dict[str, list[float]] = {}
-        self.started = time.time()
+
+    @property
+    def stages(self) -> dict[str, dict]:
+        return self.progress.stages
 
     def __call__(self, event: dict) -> None:
         t = event["type"]
         if t == "start":
             self.study_id = event["study_id"]
-            self.stages = {k: dict(v) for k, v in event["stages"].items()}
-            self.started = time.time()
+            self.progress.start(event["stages"])
             self.console.print(f"study [bold]{escape(self.study_id)}[/bold] (store {event.get('store')}, tracking "
                                f"{event.get('tracking_uri')}, MLflow parent run {event['parent_run_id']})",
                                highlight=False)
@@ -85,14 +75,11 @@ class ProgressView:
                 self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
                 self.live.start()
         elif t == "stage" and event["key"] in self.stages:
-            st = self.stages[event["key"]]
-            st["state"] = event["state"]
-            if event["state"] == "executed" and event.get("run_s") is not None:
-                self.run_s.setdefault(st["kind"], []).append(event["run_s"])
+            st = self.progress.stage(event["key"], event["state"], event.get("run_s"))
             if event["state"] == "failed":
                 self.notes.append(f"[red]failed[/red] {escape(st['label'])}: {escape(event.get('error', ''))}")
             if self.live is None and event["state"] in ("executed", "failed", "reused"):
-                done = sum(1 for v in self.stages.values() if v["state"] not in ("pending", "running"))
+                done = self.progress.finished()
                 self.console.print(f"[{done}/{len(self.stages)}] {event['state']} {st['label']}"
                                    + (f": {event.get('error')}" if event.get("error") else ""),
                                    markup=False, highlight=False)
@@ -116,16 +103,14 @@ class ProgressView:
     def render(self):
         table = Table(title=f"stages of {escape(self.study_id)}", show_lines=False)
         table.add_column("kind")
-        for s in STATES:
-            table.add_column(s, justify="right", style=STATE_STYLE[s])
-        for kind in STAGE_KINDS:
-            states = [v["state"] for v in self.stages.values() if v["kind"] == kind]
-            if states:
-                table.add_row(kind, *[str(states.count(s)) for s in STATES])
+        for s in orchestrator.STATES:
+            table.add_column(s, justify="right", style=STATE_STYLE.get(s, ""))
+        for kind, counts in self.progress.counts():
+            table.add_row(kind, *map(str, counts))
         running = [v for v in self.stages.values() if v["state"] == "running"][:8]
         lines = [f"[yellow]running[/yellow] {escape(v['label'])}" + (f" ({escape(v['trials'])})" if v.get("trials") else "")
                  for v in running] + self.notes[-5:]
-        left = eta(self.stages, self.run_s, self.started, time.time())
+        left = eta_text(self.progress.eta_seconds())
         return Group(table, *([left] if left else []), *lines)
 
     def stop(self) -> None:
@@ -256,24 +241,17 @@ class EventPrinter:
         self.then = then
 
     def __call__(self, event: dict) -> None:
-        from orchestrator.jobs import EVENT_PREFIX
-
         shown = {k: v for k, v in event.items() if k != "result"}  # a stage's full result stays in the store
-        print(EVENT_PREFIX + json_line(shown), flush=True)
+        print(orchestrator.EVENT_PREFIX + json_line(shown), flush=True)
         if event["type"] != "results":
             self.then(event)
 
 
 def transitions(record: dict, tail: int) -> list[str]:
     """The study's latest stage transitions, one line each."""
-    import time
-    from pathlib import Path
-
-    from orchestrator.studies import transitions as read
-
     lines = []
-    for e in read(Path(record["dir"]), record, tail):
-        label = record["stages"].get(e["key"], {}).get("label", e["key"])
+    for e in orchestrator.study_transitions(record, tail):
+        label = e["label"]
         when = time.strftime("%H:%M:%S", time.localtime(e["t"]))
         extra = f" ({e['error']})" if e.get("error") else f" on {e['host']}" if e.get("host") else ""
         lines.append(f"{when} {e['state']:<9} {label}{extra}")

@@ -1,4 +1,9 @@
-"""User-facing errors: one line, naming the field or resource, exit code 2."""
+"""User-facing errors: one line, naming the field or resource, exit code 2; "did you mean" for a wrong name."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
 
 
 class UserError(Exception):
@@ -17,3 +22,13 @@ def first_line(text: object, limit: int = 160) -> str:
         return line
     cut = line[:limit].rsplit(" ", 1)[0]
     return (cut if len(cut) > limit // 2 else line[:limit]).rstrip(" ,;:") + "…"
+
+
+def suggest(word: str, choices: Iterable[str], shown: int = 8) -> str:
+    """" (did you mean 'x'?)", or the known choices (the first `shown` of them)."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    more = f", ... {len(choices) - shown} more" if len(choices) > shown else ""
+    return f" (known: {', '.join(choices[:shown])}{more})"

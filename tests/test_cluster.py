@@ -74,8 +74,8 @@ def two_nodes():
 def test_stages_land_on_both_nodes_and_losing_one_mid_study_redoes_nothing_finished(two_nodes, tmp_path):
     import ray
 
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
 
     cluster, worker = two_nodes
     store = tmp_path / "store"
@@ -102,8 +102,8 @@ def test_stages_land_on_both_nodes_and_losing_one_mid_study_redoes_nothing_finis
 
 
 def test_the_actor_path_and_the_task_path_produce_identical_stages(two_nodes, tmp_path):
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
 
     cluster, _ = two_nodes
     manifests = {}
@@ -130,8 +130,8 @@ def own_ray():
 
 
 def test_a_study_on_an_s3_store_completes_and_its_resubmit_is_fully_cached(tmp_path, own_ray):
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
 
     with moto_s3(tmp_path, "ddray-study") as server:
         spec = parse_spec(tiny(name="s3"))
@@ -197,7 +197,7 @@ def test_a_head_of_another_ray_version_is_refused(head, monkeypatch):
     import ray
 
     from orchestrator.errors import UserError
-    from orchestrator.jobs import Cluster
+    from orchestrator.execution.jobs import Cluster
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
     monkeypatch.setattr(ray, "__version__", "2.59.0")

@@ -41,10 +41,11 @@ def ray_session():
 def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
-    from orchestrator.studies import load_record, study_results
-    from orchestrator.store import ArtifactStore
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
+    from orchestrator.storage.studies import load_record
+    from orchestrator.reporting.results import study_results
+    from orchestrator.storage.local import ArtifactStore
 
     monkeypatch.chdir(tmp_path)
     spec = parse_spec(yaml.safe_load(SPEC))
@@ -103,8 +104,8 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
 
 def test_failed_stage_skips_dependents_and_is_reported(ray_session, tmp_path, monkeypatch):
     """A stage that raises in its Ray worker fails alone; its dependents are skipped; the study says so."""
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
 
     monkeypatch.chdir(tmp_path)
     data = yaml.safe_load(SPEC)
@@ -154,8 +155,8 @@ evaluation:
 def test_methods_guidance_and_trajectories_are_one_grid_away(ray_session, tmp_path, monkeypatch):
     """DC, MTT (experts from a PTM pool) and a baseline, with and without cross-domain CCLoM."""
     from distill_core.data import DatasetUnavailable, load_source
-    from orchestrator.runner import submit_study
-    from orchestrator.spec import parse_spec
+    from orchestrator.execution.submit import submit_study
+    from orchestrator.spec.loading import parse_spec
 
     try:
         load_source("fashion_mnist", download=False)  # CI installs Debian's dataset-fashion-mnist

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.studies import events_since
+from orchestrator.storage.studies import events_since
 from tests.servers import free_port, mlflow_server, wait_for
 
 pytestmark = pytest.mark.slow

@@ -108,7 +108,7 @@ def test_compare_of_a_study_with_itself_shows_no_difference(smoke_study):
 def test_an_external_set_is_evaluated_exactly_as_the_study_evaluates_its_own(smoke_study):
     import torch
 
-    from orchestrator.store import ArtifactStore
+    from orchestrator.storage.local import ArtifactStore
 
     tmp, store, uri, study_id = smoke_study
     st = ArtifactStore(store)

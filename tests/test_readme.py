@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import torch
 
-from orchestrator.store import ArtifactStore
+from orchestrator.storage.local import ArtifactStore
 from tests.servers import wait_for
 from tests.test_faults import ROOT, env
 

@@ -1,0 +1,222 @@
+"""Studies as Ray jobs: `ddray study submit SPEC --address http://HEAD:8265` runs the driver on the cluster.
+
+The laptop-side command submits the study's driver (`ddray study submit` itself,
+with `--events`) through the Jobs API, with the spec and this checkout's code
+(`distill_core`, `orchestrator`, `cli`) in the job's working_dir, then follows
+the job's log: the driver prints every event as a `ddray-event {...}` line,
+which feeds the same live view and ends with the same `--json` summary as a
+local submit. Closing the laptop leaves the study running; `status`, `logs`
+and `cancel` reattach by study id. A submit of a study whose job is still
+pending or running attaches to it instead of starting a second one
+(submission ids are `ddray-<study id>[-<n>]`).
+
+Token authentication (Ray 2.60, `RAY_AUTH_MODE=token`): the token is read as
+Ray reads it (`RAY_AUTH_TOKEN`, then `RAY_AUTH_TOKEN_PATH`, then
+`~/.ray/auth_token`) and sent as `Authorization: Bearer` on every call. A
+missing or wrong token, an unreachable head or a head running another Ray
+version is one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.errors import UserError, first_line
+from orchestrator.execution.ray_session import check_reachable
+from orchestrator.spec.paths import is_relative_sqlite
+from orchestrator.storage.studies import count_states
+
+AGENT_WAIT_S = 60.0  # how long a submit waits for a freshly started head's job agent
+
+
+EVENT_PREFIX = "ddray-event "
+
+
+ACTIVE = ("PENDING", "RUNNING")
+
+
+POLL_S = 1.0
+
+
+def is_jobs_address(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def ray_token() -> str | None:
+    """The cluster token, looked up as Ray does."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH: cannot read '{path}' ({exc.strerror})") from None
+    default = Path.home() / ".ray" / "auth_token"
+    return default.read_text().strip() if default.exists() else None
+
+
+class Cluster:
+    """A Ray head's Jobs API, checked before use: reachable, the token accepted, the same Ray version."""
+
+    def __init__(self, address: str):
+        import ray
+        from ray.exceptions import AuthenticationError
+        from ray.job_submission import JobSubmissionClient
+
+
+        self.address = address.rstrip("/")
+        check_reachable(self.address)
+        token = ray_token()
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            self.client = JobSubmissionClient(self.address, headers=self.headers)
+            version = self._get("/api/version").get("ray_version")
+        except AuthenticationError as exc:
+            reason = "the token was refused" if "invalid" in str(exc).lower() or "forbidden" in str(exc).lower() \
+                else "it needs a token"
+            raise UserError(f"ray: the cluster at {self.address} requires authentication and {reason}: set "
+                            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) to its token") from None
+        except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
+            raise UserError(f"ray: cannot use the Jobs API at {self.address} ({first_line(exc)})") from None
+        if version and version != ray.__version__:
+            raise UserError(f"ray: the cluster at {self.address} runs Ray {version}; this ddray uses Ray "
+                            f"{ray.__version__} (the versions must match)")
+
+    def _get(self, path: str) -> dict:
+        import urllib.request
+        from urllib.error import HTTPError
+
+        from ray.exceptions import AuthenticationError
+
+        request = urllib.request.Request(self.address + path, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read() or b"{}")
+        except HTTPError as exc:
+            if exc.code in (401, 403):
+                raise AuthenticationError("Forbidden: invalid" if exc.code == 403 else "Unauthorized") from None
+            raise
+
+    # --- jobs of a study --------------------------------------------------------------------------
+
+    def jobs_of(self, study_id: str) -> list:
+        """The study's jobs, oldest first; `study_id` may be the id, an id prefix or the study's name."""
+        def matches(meta: dict) -> bool:
+            sid = meta.get("ddray_study_id", "")
+            return bool(sid) and (sid == study_id or sid.startswith(study_id) or meta.get("ddray_study_name") == study_id)
+        jobs = [j for j in self.client.list_jobs() if matches(j.metadata or {})]
+        if len({(j.metadata or {})["ddray_study_id"] for j in jobs}) > 1:
+            ids = sorted({(j.metadata or {})["ddray_study_id"] for j in jobs})
+            raise UserError(f"study id '{study_id}' is ambiguous on the cluster: {', '.join(ids)}")
+        return sorted(jobs, key=lambda j: j.start_time or 0)
+
+    def latest(self, study_id: str):
+        jobs = self.jobs_of(study_id)
+        if not jobs:
+            raise UserError(f"study '{study_id}': no job of it on the cluster at {self.address}")
+        return jobs[-1]
+
+    def submit(self, study_id: str, name: str, spec_path: Path, args: list[str]) -> tuple[str, bool]:
+        """(submission id, attached): a running job of the study is attached to, else a new one starts."""
+        jobs = [j for j in self.jobs_of(study_id) if (j.metadata or {}).get("ddray_study_id") == study_id]
+        active = [j for j in jobs if str(j.status) in ACTIVE or getattr(j.status, "value", "") in ACTIVE]
+        if active:
+            return active[-1].submission_id, True
+        submission_id = f"ddray-{study_id}" + (f"-{len(jobs) + 1}" if jobs else "")
+        workdir = Path(tempfile.mkdtemp(prefix="ddray-job-"))
+        try:
+            shutil.copyfile(spec_path, workdir / "spec.yaml")
+            for package in ("distill_core", "orchestrator", "cli"):  # this checkout's code travels with the job
+                source = Path(__import__(package).__file__).parent
+                shutil.copytree(source, workdir / package, ignore=shutil.ignore_patterns("__pycache__"))
+            entrypoint = " ".join(["python", "-m", "cli.main", "study", "submit", "spec.yaml", "--json", "--events",
+                                   *map(_quote, args)])
+            deadline = time.time() + AGENT_WAIT_S
+            while True:
+                try:
+                    self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                           runtime_env={"working_dir": str(workdir)},
+                                           metadata={"ddray_study_id": study_id, "ddray_study_name": name},
+                                           entrypoint_num_cpus=0)
+                    break
+                except RuntimeError as exc:
+                    if "already exists" in str(exc):
+                        return submission_id, True  # another submit won the race: follow its job
+                    # a head that has just started has no job agent yet: Ray answers "try again later"
+                    if "No available agent" in str(exc) and time.time() < deadline:
+                        time.sleep(2.0)
+                        continue
+                    raise UserError(f"ray: the cluster refused the job ({first_line(exc)})") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return submission_id, False
+
+    def follow(self, submission_id: str, on_event: Callable[[dict], None]) -> dict:
+        """Feed the job's events to `on_event` until it ends; return the driver's JSON summary (or the job's state)."""
+        seen, summary = 0, None
+        while True:
+            status = str(getattr(self.client.get_job_status(submission_id), "value", ""))
+            logs = self.client.get_job_logs(submission_id)
+            lines = logs.splitlines()
+            for line in lines[seen:]:
+                if line.startswith(EVENT_PREFIX):
+                    on_event(json.loads(line[len(EVENT_PREFIX):]))
+                elif line.startswith("{") and '"study_id"' in line:
+                    try:
+                        summary = json.loads(line)
+                    except json.JSONDecodeError:
+                        pass
+            seen = len(lines)
+            if status not in ACTIVE:
+                break
+            time.sleep(POLL_S)
+        return summary or {"state": "failed", "job_status": status, "job_log_tail": "\n".join(lines[-20:])}
+
+    def status(self, study_id: str) -> dict:
+        job = self.latest(study_id)
+        events = [json.loads(line[len(EVENT_PREFIX):]) for line in self.client.get_job_logs(job.submission_id).splitlines()
+                  if line.startswith(EVENT_PREFIX)]
+        stages: dict = {}
+        for e in events:
+            if e["type"] == "start":
+                stages = {k: dict(v) for k, v in e["stages"].items()}
+            elif e["type"] == "stage" and e["key"] in stages:
+                stages[e["key"]]["state"] = e["state"]
+
+        end = next((e for e in reversed(events) if e["type"] == "end"), None)
+        state = end["state"] if end else {"PENDING": "pending", "RUNNING": "running"}.get(
+            str(getattr(job.status, "value", job.status)), "failed")
+        return {"study_id": study_id, "state": state, "job": job.submission_id,
+                "job_status": str(getattr(job.status, "value", job.status)),
+                "counts": count_states(s["state"] for s in stages.values()), "stages": stages}
+
+    def logs(self, study_id: str) -> str:
+        return self.client.get_job_logs(self.latest(study_id).submission_id)
+
+    def cancel(self, study_id: str) -> str:
+        job = self.latest(study_id)
+        self.client.stop_job(job.submission_id)
+        return job.submission_id
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def check_cluster_paths(store_root: str, tracking_uri: str) -> None:
+    """What a driver on the cluster writes must be somewhere every node (and the user) can reach."""
+    if "://" not in store_root and not Path(store_root).is_absolute():
+        raise UserError(f"store.root: '{store_root}' is relative; a study on a cluster needs a path every node "
+                        "mounts (e.g. /store) or an object store URL (--store s3://bucket/prefix)")
+    if is_relative_sqlite(tracking_uri):
+        raise UserError(f"tracking.uri: '{tracking_uri}' is a relative SQLite path; a study on a cluster needs "
+                        "an absolute path on its shared storage or a tracking server (--tracking-uri http://...)")

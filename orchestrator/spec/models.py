@@ -1,0 +1,344 @@
+"""The study spec: pydantic v2 models loaded from YAML (safe loader), version 1.
+
+Unknown keys are rejected everywhere, numbers must be finite and within
+stated bounds. Lists are grids: every combination of dataset variant
+(aligned ratio x severity), method, IPC, learning rate, iteration count,
+guidance setting, method option value and distillation seed becomes one
+distillation stage (a guidance entry restricted by its `methods` / `ipc`
+only at those); every (synthetic set x evaluation architecture) becomes
+one evaluation stage. What each method is (defaults, options, evaluation
+protocol, inputs) comes from `distill_core.methods`'s registry: nothing here
+names a method. Problems come back as one line each, naming the field path
+(`orchestrator.spec_errors`); checks across fields live in
+`orchestrator.spec_checks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    model_serializer,
+    model_validator,
+)
+
+from distill_core.data.colored import SEVERITY_SIGMA
+from distill_core.data.sources import SOURCES
+from distill_core.methods import METHODS
+from distill_core.networks import ARCHITECTURES
+from distill_core.runtime import Runtime
+from orchestrator.errors import suggest
+from orchestrator.spec.base import Strict, as_list
+from orchestrator.spec.claims import ClaimSpec
+from orchestrator.spec.search import SearchSpec
+
+MAX_GRID = 1000  # entries in one grid list
+
+
+def Grid(item: Any, min_length: int = 1) -> Any:  # noqa: N802 (a type factory)
+    """A grid axis: a list (a scalar is a one-point grid)."""
+    return Annotated[list[item], BeforeValidator(as_list), Field(min_length=min_length, max_length=MAX_GRID)]
+
+
+def _known(kind: str, registry) -> AfterValidator:
+    def check(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"unknown {kind} '{name}'{suggest(name, registry)}")
+        return name
+    return AfterValidator(check)
+
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+MethodName = Annotated[str, _known("method", METHODS)]
+
+
+SourceName = Annotated[str, _known("source", SOURCES)]
+
+
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+Epochs = Annotated[int, Field(ge=0, le=100_000)]
+
+
+class ArchSpec(Strict):
+    """An architecture by registry name, with the overrides that architecture takes."""
+
+    name: Annotated[str, _known("architecture", ARCHITECTURES)]
+    width: int | None = Field(default=None, ge=1, le=4096)
+    depth: int | None = Field(default=None, ge=1, le=16)
+    norm: Literal["instancenorm", "batchnorm", "groupnorm", "layernorm", "none"] | None = None
+    act: Literal["relu", "leakyrelu", "sigmoid"] | None = None
+    pool: Literal["avgpooling", "maxpooling", "none"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def options(self) -> dict:
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+    @property
+    def label(self) -> str:
+        return self.name + "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
+
+
+class TrackingSpec(Strict):
+    uri: str = Field(default="sqlite:///mlflow.db", min_length=1, max_length=2000)
+    experiment: str | None = Field(default=None, min_length=1, max_length=250)  # default: ddray/<name>
+
+
+class StoreSpec(Strict):
+    root: str = Field(default="./ddray-store", min_length=1, max_length=1000)
+
+
+class DatasetSpec(Strict):
+    name: Name
+    source: SourceName
+    bias: Literal["colored", "corrupted", "none"] = "colored"
+    aligned_ratios: Grid(Annotated[float, Field(ge=0.0, le=1.0)]) = [0.95]
+    severities: Grid(Literal[tuple(SEVERITY_SIGMA)]) = [1]
+    max_per_class: int | None = Field(default=None, ge=1, le=10**7)
+    # the share of train held out for validation; None: 0.1 when the study needs a held-out split
+    # (evaluation.selection: val, or a search's proxy), else 0 (as upstream: distil from the whole split)
+    val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
+    # biased data: a held-out split as biased as training, or balanced over (class, attribute) groups
+    val_split: Literal["biased", "balanced"] = "biased"
+    data_root: str | None = Field(default=None, max_length=1000)
+    seed: Seed = 0
+    zca: bool = False  # ZCA whitening (MTT's CIFAR setting) instead of per-channel standardisation
+    distill: bool = True  # false: only a PTM source (e.g. CIFAR-100 PTMs guiding CIFAR-10)
+    # the source's images resized to image_size and converted to `channels` (grey -> RGB by replication,
+    # RGB -> grey by luma) before the bias builder: a PTM source of another shape than the targets (MNIST
+    # PTMs for 3x32x32 CIFAR-10). None: the source's own. Source imagefolder declares both sizes here.
+    image_size: int | None = Field(default=None, ge=1, le=4096)
+    channels: Literal[1, 3] | None = None
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)  # declared by source imagefolder only
+
+    @model_validator(mode="after")
+    def bias_fits_source(self) -> "DatasetSpec":
+        src = SOURCES[self.source]
+        if src.image_size is None or src.num_classes is None:  # a local folder: validation reads nothing
+            missing = [f for f in ("data_root", "image_size", "num_classes") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"source '{self.source}' needs {', '.join(missing)} (the folder, the image "
+                                 "size to read it at, and its number of class folders)")
+        elif self.num_classes is not None:
+            raise ValueError(f"num_classes: only source imagefolder declares it ('{self.source}' has "
+                             f"{src.num_classes} classes)")
+        if self.channels is not None and self.channels != src.channels:
+            if self.bias == "colored" and self.channels == 3:
+                raise ValueError("bias 'colored' colours grey images: leave channels unset (or 1)")
+            if self.bias == "corrupted" and self.channels == 1:
+                raise ValueError("bias 'corrupted' corrupts RGB images: leave channels unset (or 3)")
+            return self  # converted to the channels the bias builder takes
+        grey = src.grayscale
+        if self.bias == "colored" and not grey:
+            names = ", ".join(sorted(n for n, s in SOURCES.items() if s.grayscale))
+            raise ValueError(f"bias 'colored' needs a grayscale source ({names})")
+        if self.bias == "corrupted" and grey:
+            names = ", ".join(sorted(n for n, s in SOURCES.items() if not s.grayscale))
+            raise ValueError(f"bias 'corrupted' needs an RGB source ({names})")
+        return self
+
+    def holdout(self, needed: bool) -> float:
+        """The share of train held out: as set, else 0.1 where the study needs a held-out split, else 0."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.1 if needed else 0.0
+
+    def variants(self) -> list[tuple[float, int]]:
+        if self.bias == "none":
+            return [(1.0, 0)]  # no attribute: one variant
+        return [(p, s) for p in self.aligned_ratios for s in self.severities]
+
+
+class PTMPoolSpec(Strict):
+    name: Name
+    dataset: str
+    # a fixed variant of the dataset; unset = the distillation target's own variant
+    aligned_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    severity: int | None = Field(default=None, ge=1, le=4)
+    architectures: list[ArchSpec] = Field(min_length=1, max_length=MAX_GRID)
+    seeds: Grid(Seed) = [0]
+    # "ptm": paper 2's recipe (150 epochs); "expert": MTT's buffer recipe (50 epochs), for trajectories
+    recipe: Literal["ptm", "expert"] = "ptm"
+    epochs: int | None = Field(default=None, ge=1, le=100_000)  # None: the recipe's (150 / 50)
+    checkpoint_epochs: list[Epochs] | None = Field(default=None, max_length=100_000)  # None = every epoch
+    lr: float = Field(default=0.01, gt=0, le=100)
+    batch_size: int = Field(default=256, ge=1, le=100_000)
+
+    @property
+    def train_epochs(self) -> int:
+        return self.epochs or {"ptm": 150, "expert": 50}[self.recipe]
+
+
+RESTRICTIONS = ("methods", "ipc")  # GuidanceSpec fields saying where an entry runs
+
+
+class GuidanceSpec(Strict):
+    kind: Literal["none", "clom", "cclom"] = "none"
+    pool: str | None = None
+    alpha: Annotated[float, Field(ge=0, le=1e9)] | dict[str, Annotated[float, Field(ge=0, le=1e9)]] = 1.0
+    checkpoint_epochs: list[Epochs] | None = None  # which kept checkpoints to sample; None = the final one
+    real_batch: int = Field(default=8196, ge=1, le=1_000_000)
+    # where the entry runs: the study's methods and IPCs it is crossed with (None: every one), e.g. a
+    # published alpha at its own (method, IPC) cells only; not part of the guidance itself (nor its label)
+    methods: Grid(MethodName) | None = None
+    ipc: Grid(Annotated[int, Field(ge=1, le=100_000)]) | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_string(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_serializer(mode="wrap")
+    def _unrestricted_as_before(self, handler) -> dict:
+        """An unset restriction is left out, so an unrestricted entry (and the study id) dumps as it did."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in RESTRICTIONS and v is None)}
+
+    def applies(self, method: str, ipc: int) -> bool:
+        """Whether the entry runs at a (method, IPC) cell of the study."""
+        return (self.methods is None or method in self.methods) and (self.ipc is None or ipc in self.ipc)
+
+    @model_validator(mode="after")
+    def pool_when_guided(self) -> "GuidanceSpec":
+        if self.kind != "none" and not self.pool:
+            raise ValueError(f"guidance '{self.kind}' needs a ptm pool (set pool: NAME)")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.kind == "none":
+            return "none"
+        alpha = f"{self.alpha:g}" if not isinstance(self.alpha, dict) else \
+            "{" + ",".join(f"{k}={v:g}" for k, v in self.alpha.items()) + "}"
+        epochs = "" if self.checkpoint_epochs is None else "@" + ",".join(map(str, self.checkpoint_epochs))
+        return f"{self.kind}:{self.pool}{epochs}:a{alpha}"
+
+
+class DistillationSpec(Strict):
+    methods: Grid(MethodName)  # registry names (distill_core.methods.METHODS)
+    ipc: Grid(Annotated[int, Field(ge=1, le=100_000)]) = [10]
+    iterations: Grid(Annotated[int, Field(ge=1, le=10_000_000)]) | None = None  # None: each method's default
+    lr_img: Grid(Annotated[float, Field(gt=0, le=1e9)]) | None = None  # None: each method's default
+    seeds: Grid(Seed) = [0]  # distillation repeats: results are mean +- std over seeds x networks
+    arch: ArchSpec = ArchSpec(name="convnet")
+    batch_real: int = Field(default=256, ge=1, le=100_000)
+    lr_net: float = Field(default=0.01, gt=0, le=100)
+    init: Literal["real", "noise"] | None = None  # None: the method's default
+    # DSA strategy for methods that distil with augmentation: auto (no flip for digits), none, or a strategy
+    augmentation: str = Field(default="auto", min_length=1, max_length=200)
+    guidance: list[GuidanceSpec] = Field(default=[GuidanceSpec()], min_length=1, max_length=MAX_GRID)
+    trajectories: str | None = None  # a ptm pool (recipe expert) whose per-epoch checkpoints are MTT's experts
+    # per-method options, each value a grid axis: {mtt: {syn_steps: [20, 30]}} (checked by the method's model)
+    options: dict[MethodName, dict[str, Any]] = Field(default_factory=dict)
+    log_every: int = Field(default=10, ge=1, le=10**7)
+    search: SearchSpec | None = None  # a Ray Tune search per distillation setting (orchestrator.spec_search)
+
+
+class EvaluationSpec(Strict):
+    architectures: list[ArchSpec] = Field(default=[ArchSpec(name="convnet")], min_length=1, max_length=MAX_GRID)
+    repeats: int = Field(default=5, ge=1, le=1000)
+    epochs: int | None = Field(default=None, ge=1, le=100_000)  # None: each method's protocol (300 / 1000)
+    # auto (each method's protocol), none, dsa, dc, or dsa:<strategy> / dc:<strategy>
+    augmentation: str = Field(default="auto", min_length=1, max_length=200)
+    lr: float | None = Field(default=None, gt=0, le=100)  # None: 0.01, or MTT's learned lr
+    batch_size: int = Field(default=256, ge=1, le=100_000)
+    checkpoints: int = Field(default=10, ge=1, le=10_000)  # validation checks over training
+    # the reported checkpoint: last (the final epoch, as upstream) or val (best on the held-out split);
+    # rows carry both (acc_last, acc_val_selected) whenever a held-out split exists
+    selection: Literal["last", "val"] = "last"
+    # a random real subset at each IPC, evaluated with each method's protocol: rows get acc_random and ior
+    random_baseline: bool = True
+
+
+RETRYABLE = {"MemoryError": MemoryError, "OSError": OSError, "TimeoutError": TimeoutError,
+             "ConnectionError": ConnectionError}  # application errors a stage kind may list in retry_on
+
+
+class StageResources(Strict):
+    cpus: float = Field(default=1.0, gt=0, le=1024)
+    gpus: float = Field(default=0.0, ge=0, le=64)
+    memory_gb: float | None = Field(default=None, gt=0, le=100_000)  # Ray memory=, so Ray does not over-pack
+    # a worker or node that dies is retried this many times; application errors only if listed in retry_on
+    retries: int = Field(default=3, ge=0, le=100)
+    retry_on: list[Literal[tuple(RETRYABLE)]] = Field(default_factory=list)
+    timeout_s: float | None = Field(default=None, gt=0, le=30 * 86400)  # a stage running longer fails
+    pending_warning_s: float = Field(default=300.0, gt=0, le=86400)  # warn when a stage waits this long for a node
+    custom: dict[str, Annotated[float, Field(gt=0, le=1e6)]] = Field(default_factory=dict)  # Ray custom resources
+
+
+class CoordinatorResources(StageResources):
+    """A search stage: Tune's controller, which computes nothing itself (its trials hold the resources)."""
+
+    cpus: float = Field(default=0.0, ge=0, le=1024)
+
+
+class ResourcesSpec(Strict):
+    # tasks: one Ray task per stage; actors: warm actors per stage kind, routed by the dataset they hold
+    executor: Literal["tasks", "actors"] = "tasks"
+    dataset: StageResources = StageResources()
+    ptm: StageResources = StageResources()
+    distill: StageResources = StageResources()
+    evaluate: StageResources = StageResources()
+    search: CoordinatorResources = CoordinatorResources()
+    external: StageResources = StageResources()  # importing a synthetic set made elsewhere (ddray evaluate)
+    trial: StageResources = StageResources()  # each trial of a search (a Tune trial actor)
+
+
+class RuntimeSpec(Runtime):
+    """How stages run (never part of a key); the device comes from resources.<kind>.gpus."""
+
+    @model_validator(mode="after")
+    def no_device(self) -> "RuntimeSpec":
+        if "device" in self.model_fields_set:
+            raise ValueError("device: set by resources.<kind>.gpus, not here")
+        return self
+
+
+class StudySpec(Strict):
+    version: Literal[1]
+    name: Name
+    seed: Seed = 0
+    tracking: TrackingSpec = TrackingSpec()
+    store: StoreSpec = StoreSpec()
+    datasets: list[DatasetSpec] = Field(min_length=1, max_length=MAX_GRID)
+    ptm_pools: list[PTMPoolSpec] = Field(default_factory=list, max_length=MAX_GRID)
+    distillation: DistillationSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    findings: list[ClaimSpec] = Field(default_factory=list, max_length=MAX_GRID)  # claims over result rows
+
+    @property
+    def needs_holdout(self) -> bool:
+        """Whether any stage reads a held-out validation split: val selection, or a search's proxy."""
+        return self.evaluation.selection == "val" or self.distillation.search is not None
+
+    def spec_hash(self) -> str:
+        """Hash of what the study computes: not how or where (resources, runtime, tracking, store,
+        and where a dataset's raw files are read from), nor the claims it is read against (`findings`: a claim
+        added to a finished study is tested on the same study)."""
+        science = self.model_dump(mode="json", exclude={"resources": True, "runtime": True, "tracking": True,
+                                                        "store": True, "findings": True,
+                                                        "datasets": {"__all__": {"data_root"}}})
+        return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def study_id(self) -> str:
+        return f"{self.name}-{self.spec_hash()[:8]}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"ddray/{self.name}"

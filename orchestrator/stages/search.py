@@ -1,0 +1,294 @@
+"""A search stage: Ray Tune over one distillation setting, its best trial's synthetic set as the output.
+
+The stage's config (`SearchConfig`) is the distillation setting the grid gave
+(`distill`), the fields of `distillation.search.space` that apply to it, and
+the search's own settings; its key hashes them with the inputs, like any
+stage. Each trial distils with its sampled values and, every `every`
+iterations, trains `proxy.repeats` networks for `proxy.epochs` epochs on the
+current synthetic set and reports their accuracy on the validation split
+held out from the real training data (`distill_core.evaluation.proxy_accuracy`;
+the test sets are never read), so ASHA can stop a bad trial early. A trial
+that runs its whole budget saves its set as a Tune checkpoint; the best of
+those (highest final validation accuracy) is published as the stage's
+`synthetic.pt`, and evaluation stages read it as they read a distillation's.
+
+Tune keeps its experiment state under the store (`searches/<stage key>/`,
+saved every second): a search whose driver was killed resumes from it on the
+next submit (`Tuner.restore`, errored trials restarted), so finished trials
+are not run again; a trial that was running restarts from iteration 0 (trials
+keep no mid-run checkpoint). What Tune did is kept in `trials.json` (sampled
+values, the proxy curve, stopped early or not), which the driver logs as
+nested MLflow runs under the stage's run.
+
+Deviation from a plain Tune setup: the best trial is chosen among trials that
+ran their whole budget; ASHA's stopped trials are never picked, because their
+last score is from a shorter run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+from ray.tune import Callback
+
+from distill_core.evaluation import proxy_accuracy
+from distill_core.methods import RealData, SyntheticSet, get_method
+from distill_core.runtime import Runtime
+from distill_core.utils import set_threads
+from orchestrator.errors import first_line
+from orchestrator.stages.base import Stage, StageKind, register
+from orchestrator.stages.common import (
+    build_guidance,
+    finish_stage,
+    json_bytes,
+    load_checkpoints,
+    load_dataset,
+    png_bytes,
+    synthetic_grid,
+)
+from orchestrator.stages.figures import png, pyplot
+from orchestrator.stages.search_space import (
+    METRIC,
+    SearchConfig,
+    max_iterations,
+    progress_path,
+    search_progress,
+    trial_config,
+    trial_count,
+    tune_space,
+)
+from orchestrator.storage.files import atomic_write_json, tensors_to_bytes
+from orchestrator.storage.local import ArtifactStore
+from orchestrator.storage.objects import ObjectStore
+from orchestrator.storage.opener import open_store
+
+log = logging.getLogger("ddray.search")
+
+
+def run_trial(sampled: dict, stage: Stage, store_root: str, runtime: dict, cpus: float, gpus: float) -> None:
+
+    set_threads(cpus)
+    device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    rt = Runtime(**{**runtime, "device": device})
+    store = open_store(store_root)
+    cfg = SearchConfig(**stage.config)
+    trial_id = tune.get_context().get_trial_id()
+    store.record_attempt(f"{stage.key}~{trial_id}")  # one file per trial execution: reruns are counted
+    distill = trial_config(cfg.distill, sampled)
+    ds = load_dataset(store, stage.inputs["dataset"])
+    real = RealData.from_dataset(ds, rt.torch_device)
+    val_x, val_y = ds.val_split()
+    val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device))
+    experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
+
+    def report(it: int, record: dict, syn: SyntheticSet) -> None:
+        done = it + 1
+        if done % cfg.every and done != distill.iterations:
+            return
+        acc = proxy_accuracy(syn, val, ds.num_classes, cfg.proxy, rt)
+        metrics = {METRIC: acc, "iterations": done,
+                   **{k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)
+                      and k != "iteration"}}
+        if done < distill.iterations:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:  # the finished set: a candidate for the stage's output
+            final = SyntheticSet(syn.images.detach().cpu().clone(), syn.labels.cpu(), syn.norm, syn.lr)
+            (Path(d) / "synthetic.pt").write_bytes(tensors_to_bytes(final.to_tensors()))
+            (Path(d) / "meta.json").write_text(json.dumps({"synthetic_meta": final.meta(),
+                                                           "history": syn.history[::distill.log_every]}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    # every iteration reaches `report` (log_every 1); the kept history is thinned back to the setting's
+    get_method(distill.method).distill(
+        real, distill.model_copy(update={"log_every": 1}), rt,
+        guidance=build_guidance(store, stage, real, distill.guidance, distill.seed), experts=experts or None, progress=report)
+
+
+def storage_of(store: ArtifactStore | ObjectStore) -> tuple[str, Any]:
+    """Where Tune keeps experiment state: `searches/` under the store (a pyarrow view of an object store)."""
+    if isinstance(store, ObjectStore):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return f"{store.base.rstrip('/')}/searches", PyFileSystem(FSSpecHandler(store.fs))
+    return str(store.root / "searches"), None
+
+
+def _search_algorithm(cfg: SearchConfig):
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.algorithm != "optuna":
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent or 0)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    # TPE after a few random trials (Optuna's default of 10 would make short searches purely random)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(2, cfg.num_samples // 4)))
+    searcher = OptunaSearch(sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent) if cfg.max_concurrent else searcher
+
+
+def _scheduler(cfg: SearchConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="iterations", max_t=max_iterations(cfg.space, cfg.distill.iterations), grace_period=cfg.grace_period,
+                         reduction_factor=cfg.reduction_factor)
+
+
+def tuner_for(stage: Stage, store: ArtifactStore | ObjectStore, runtime: Runtime):
+    """A new Tuner for the stage's search, or the one restored from its saved experiment state."""
+    cfg = SearchConfig(**stage.config)
+    trial = stage.runtime.get("trial", {"cpus": 1.0, "gpus": 0.0})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, stage=stage, store_root=str(store.root),
+                             runtime=runtime.model_dump(exclude={"device"}), cpus=trial["cpus"], gpus=trial["gpus"]),
+        {"cpu": trial["cpus"], "gpu": trial["gpus"]})
+    root, fs = storage_of(store)
+    path = f"{root}/{stage.key}"
+    progress = progress_path(store.root, stage.key) if fs is None else None
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log.info("resuming the search from %s", path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+                                  storage_filesystem=fs)
+    return tune.Tuner(
+        trainable, param_space=tune_space(cfg.space),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=_search_algorithm(cfg),
+                                    scheduler=_scheduler(cfg), num_samples=cfg.num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent),
+        run_config=tune.RunConfig(name=stage.key, storage_path=root, storage_filesystem=fs, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=stage.runtime.get("max_failures", 2)),
+                                  callbacks=[TrialLog(progress, cfg)]))
+
+
+class TrialLog(Callback):
+    """One line per trial report and end in the stage's log (`ddray study logs ID STAGE`), and the
+    search's progress for the live view (`ddray-progress.json`, local stores)."""
+
+    def __init__(self, progress: Path | None, cfg: SearchConfig):
+        self.progress, self.cfg, self.total = progress, cfg, trial_count(cfg)
+        self.best: float | None = None
+        self.ended: dict[str, str] = {}  # trial id -> finished | stopped early | failed
+        self.running: set[str] = set()
+
+    def _write(self) -> None:
+        if self.progress is None:
+            return
+        states = list(self.ended.values())
+        data = {"total": self.total, "done": len(states), "running": len(self.running - set(self.ended)),
+                "stopped_early": states.count("stopped early"), "failed": states.count("failed"), "best": self.best}
+        atomic_write_json(self.progress, data, fsync=False)  # the live view's: not worth a sync
+
+    def budget(self, trial) -> int:
+        return trial_config(self.cfg.distill, trial.config).iterations
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._write()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        log.info("trial %s: %s %.4f at %d iterations", trial.trial_id, METRIC, result[METRIC], result["iterations"])
+        self.running.add(trial.trial_id)
+        if result["iterations"] >= self.budget(trial):
+            self.best = max(self.best or 0.0, result[METRIC])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        early = last.get("iterations", 0) < self.budget(trial)
+        self.ended[trial.trial_id] = "stopped early" if early else "finished"
+        log.info("trial %s %s", trial.trial_id, self.ended[trial.trial_id])
+        self._write()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = "failed"
+        log.info("trial %s failed", trial.trial_id)
+        self._write()
+
+
+def summarise_trials(grid, cfg: SearchConfig) -> list[dict]:
+    """One dict per trial: id, sampled values, proxy curve, budget, whether ASHA stopped it, its error."""
+    out = []
+    for result in grid:
+        config = {k: (v.item() if hasattr(v, "item") else v) for k, v in (result.config or {}).items()}
+        budget = trial_config(cfg.distill, config).iterations if config else cfg.distill.iterations
+        frame = result.metrics_dataframe
+        curve = [] if frame is None or METRIC not in frame else [
+            {"iterations": int(i), METRIC: float(v)} for i, v in zip(frame["iterations"], frame[METRIC])]
+        done = curve[-1]["iterations"] if curve else 0
+        out.append({"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+                    "config": config, "curve": curve, "iterations": done, "budget": budget,
+                    METRIC: curve[-1][METRIC] if curve else None, "complete": result.error is None and done >= budget,
+                    "stopped_early": result.error is None and 0 < done < budget,
+                    "error": first_line(result.error, 300) if result.error else None,
+                    "_checkpoint": result.checkpoint})
+    return out
+
+
+def run_search(stage: Stage, store: ArtifactStore | ObjectStore, runtime: Runtime) -> dict:
+
+    started = time.time()
+    cfg = SearchConfig(**stage.config)
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # experiment state saved every second: little to redo on resume
+    grid = tuner_for(stage, store, runtime).fit()
+    trials = summarise_trials(grid, cfg)
+    complete = [t for t in trials if t["complete"]]
+    if not complete:
+        errors = [t["error"] for t in trials if t["error"]]
+        raise RuntimeError(f"no trial of the search finished ({len(trials)} trials; first error: "
+                           f"{errors[0] if errors else 'none'})")
+    best = max(complete, key=lambda t: (t[METRIC], -trials.index(t)))  # ties: the earliest trial
+    with best["_checkpoint"].as_directory() as d:
+        synthetic = (Path(d) / "synthetic.pt").read_bytes()
+        kept = json.loads((Path(d) / "meta.json").read_text())
+    for t in trials:
+        t.pop("_checkpoint")
+        t["best"] = t is best
+    norm = load_dataset(store, stage.inputs["dataset"]).normalization
+    syn = SyntheticSet.from_tensors(torch.load(io.BytesIO(synthetic), weights_only=True), kept["synthetic_meta"], norm)
+    summary = {"trials": len(trials), "stopped_early": sum(t["stopped_early"] for t in trials),
+               "failed": sum(bool(t["error"]) for t in trials), "best": {"trial_id": best["trial_id"],
+               "config": best["config"], METRIC: best[METRIC]},
+               "trial_iterations": sum(t["iterations"] for t in trials)}
+    files = {"synthetic.pt": synthetic, "history.json": json_bytes(kept["history"]), "trials.json": json_bytes(trials),
+             "best_config.json": json_bytes(best["config"]), "search.png": search_plot(trials),
+             "synthetic_grid.png": png_bytes(synthetic_grid(syn, cfg.distill.ipc))}
+    metrics = {f"best_{METRIC}": best[METRIC], "n_trials": len(trials), "n_stopped_early": summary["stopped_early"],
+               "n_failed": summary["failed"], "trial_iterations": summary["trial_iterations"],
+               "n_images": len(syn.labels)}
+    if syn.lr is not None:
+        metrics["synthetic_lr"] = syn.lr
+    return finish_stage(store, stage, files, metrics,
+                        ["search.png", "trials.json", "best_config.json", "synthetic_grid.png", "history.json"],
+                        {"synthetic_meta": kept["synthetic_meta"], "search": summary, "trials": trials}, started)
+
+
+def search_plot(trials: list[dict]) -> bytes:
+    """Two panels: each trial's final proxy score in trial order, and every trial's proxy curve."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
+    for i, t in enumerate(trials):
+        if t[METRIC] is None:
+            continue
+        marker = "*" if t["best"] else ("x" if t["stopped_early"] else "o")
+        left.scatter(i, t[METRIC], marker=marker, s=120 if t["best"] else 30, color="C1" if t["best"] else "C0")
+        xs, ys = [p["iterations"] for p in t["curve"]], [p[METRIC] for p in t["curve"]]
+        right.plot(xs, ys, lw=2.5 if t["best"] else 1, alpha=1 if t["best"] else 0.5,
+                   ls="--" if t["stopped_early"] else "-")
+    left.set(xlabel="trial", ylabel=f"final {METRIC} (x: stopped early, *: best)", title="search")
+    right.set(xlabel="distillation iterations", ylabel=f"proxy {METRIC}", title="proxy curves")
+    return png(fig, dpi=80)
+
+
+# the coordinator holds resources.search; each of its trials, a Tune actor, holds resources.trial
+register(StageKind("search", version=1, config=SearchConfig, run=run_search, resources="search", holds=("trial",),
+                   progress=search_progress, needs_ray=True))
