@@ -13,7 +13,7 @@
     `ddray study submit` (a new process, as a user runs it) when every stage is stored.
 (a) per_stage_overhead_ms: trivial stages (each writes a tiny result into the
     store, as a real stage does: temp dir, fsync, rename, manifest, attempt
-    file) through the real scheduler (`orchestrator.scheduler.Scheduler`:
+    file) through the real scheduler (`orchestrator.execution.scheduler.Scheduler`:
     readiness counts, leases, the study's append-only event log) with the
     inline executor, at 1,000 and 10,000 stages; `scale_growth` is
     time(10,000) / time(1,000) (10x the stages: linear is 10, the target is at

@@ -83,7 +83,7 @@ class ProgressView:
                 self.console.print(f"[{done}/{len(self.stages)}] {event['state']} {st['label']}"
                                    + (f": {event.get('error')}" if event.get("error") else ""),
                                    markup=False, highlight=False)
-        elif t == "search" and event["key"] in self.stages:
+        elif t == "progress" and event["key"] in self.stages:
             st = self.stages[event["key"]]
             st["trials"] = trials_text(event)
             if self.live is None:

@@ -18,7 +18,7 @@ every architecture of the pool a value (or a `default`), never a silent 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,8 @@ from distill_core.config import Config
 from distill_core.networks import Classifier
 from distill_core.sets import RealData
 
-Alpha = float | dict[str, float]
+Weight = Annotated[float, Field(ge=0, le=1e9)]
+Alpha = Weight | dict[str, Weight]  # one weight, or one per pool architecture (`default` for the rest)
 
 
 class GuidanceConfig(Config):
@@ -36,7 +37,8 @@ class GuidanceConfig(Config):
 
     kind: Literal["clom", "cclom"]
     alpha: Alpha = 1.0
-    checkpoint_epochs: list[int] | None = None  # which kept checkpoints to sample; None = the final one
+    # which kept checkpoints to sample; None = the final one
+    checkpoint_epochs: list[Annotated[int, Field(ge=0, le=100_000)]] | None = Field(default=None, max_length=100_000)
     real_batch: int = Field(default=8196, ge=1, le=1_000_000)  # CCLoM's B (paper 2's README value)
 
 

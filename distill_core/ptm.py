@@ -14,7 +14,7 @@ Epoch 0 (the initialisation) is kept as a checkpoint too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -42,7 +42,8 @@ class PTMConfig(Config):
     batch_size: int = Field(default=256, ge=1, le=100_000)
     milestones: list[int] = Field(default_factory=list)  # lr x0.1 after each of these epochs
     augment: str | None = None  # per-sample augmentation while training (distill_core.augment names)
-    keep_epochs: list[int] | None = None  # None keeps every epoch (needed for MTT)
+    # the epochs whose checkpoints are kept; None keeps every epoch (needed for MTT)
+    keep_epochs: list[Annotated[int, Field(ge=0, le=100_000)]] | None = Field(default=None, max_length=100_000)
 
 
 def recipe(name: RecipeName, epochs: int, dsa_strategy: str) -> dict:

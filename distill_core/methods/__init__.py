@@ -10,8 +10,8 @@ from __future__ import annotations
 from distill_core.methods import baselines, dc, dm, mtt  # noqa: F401  (registers the built-in methods)
 from distill_core.methods.base import DistillConfig
 from distill_core.methods.registry import (METHODS, EvalProtocol, Method, Options, UnknownMethod, get_method,
-                                           options_of, register, unregister)
+                                           register, unregister)
 from distill_core.sets import RealData, SyntheticSet
 
 __all__ = ["METHODS", "DistillConfig", "EvalProtocol", "Method", "Options", "RealData", "SyntheticSet",
-           "UnknownMethod", "get_method", "options_of", "register", "unregister"]
+           "UnknownMethod", "get_method", "register", "unregister"]

@@ -1,8 +1,8 @@
 """What every distillation method takes: one config, the real data, a runtime.
 
 `DistillConfig` is one distillation: the hyperparameters every method shares,
-the method's own typed options (`options`, validated by the method's registry
-record) and the PTM guidance setting. The recipes read it top to bottom; how
+the method's own typed options (`options`: the model its registry record names,
+built when the config is) and the PTM guidance setting. The recipes read it top to bottom; how
 the hot loops run comes from a separate `Runtime` (distill_core.runtime).
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Callable, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, SerializeAsAny, field_serializer, model_validator
 
 from distill_core.config import Config
 from distill_core.guidance import GuidanceConfig
+from distill_core.methods.registry import METHODS, Options
 from distill_core.sets import RealData, SyntheticSet
 
 
@@ -30,9 +31,23 @@ class DistillConfig(Config):
     init: Literal["real", "noise"] = "real"
     augment: str | None = None  # DSA strategy of the siamese augmentation during distillation; None: none
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    log_every: int = Field(default=10, ge=1)
-    options: dict[str, Any] = Field(default_factory=dict)  # the method's own options (its registry model)
+    log_every: int = Field(default=10, ge=1, le=10**7)  # history: every n-th iteration
+    # the method's own options as its registry model (`Method.options`), validated here once: a recipe
+    # reads `cfg.options.syn_steps`; built from a dict (a stage's stored config) by the method's name
+    options: SerializeAsAny[Options] = Field(default_factory=Options)
     guidance: GuidanceConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("options", {}), dict) and data.get("method") in METHODS:
+            data = {**data, "options": METHODS[data["method"]].options(**data.get("options", {}))}
+        return data
+
+    @field_serializer("options")
+    def _options_set(self, options: Options) -> dict:
+        # only the options that were set, so a stored config (and its stage key) is what the study wrote
+        return options.model_dump(mode="json", exclude_unset=True)
 
 
 # progress(iteration, record, syn): called at every logged iteration with the live synthetic set (its

@@ -90,7 +90,7 @@ def gradient_matching(real: RealData, cfg: DistillConfig, runtime: Runtime = DEF
                       guidance: Guidance | None = None, experts=None,
                       progress: ProgressFn | None = None) -> SyntheticSet:
     """The DC/DSA loop: DSA when `cfg.augment` names a DSA strategy, DC when it is None."""
-    opts = DCOptions(**cfg.options)
+    opts: DCOptions = cfg.options
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # network initialisations
     syn = init_synthetic(real, cfg, g)

@@ -213,7 +213,7 @@ def distill_mtt(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_R
                 progress: ProgressFn | None = None) -> SyntheticSet:
     if not experts:
         raise ValueError("MTT needs expert trajectories (a list of {epoch: state_dict})")
-    opts = MTTOptions(**cfg.options)
+    opts: MTTOptions = cfg.options
     starts = [start_epochs(t, opts.expert_epochs, opts.max_start_epoch) for t in experts]
     if not any(starts):
         raise ValueError(f"no expert has checkpoints e and e + {opts.expert_epochs} with e < {opts.max_start_epoch}")

@@ -12,8 +12,9 @@ Every method function has one signature:
 
     fn(real, cfg, runtime=DEFAULT_RUNTIME, guidance=None, experts=None, progress=None) -> SyntheticSet
 
-`cfg.options` holds the method's own options as a plain dict; the recipe reads
-them with `method.options(**cfg.options)` (or `options_of(cfg)`).
+`cfg.options` is the method's own options model, built and validated with the
+config (`DistillConfig` looks the model up here by the method's name), so a
+recipe reads `cfg.options.<field>` and never validates options itself.
 """
 
 from __future__ import annotations
@@ -124,11 +125,6 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise UnknownMethod(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
     return METHODS[name]
-
-
-def options_of(cfg) -> Options:
-    """The typed options of `cfg.method`, from `cfg.options` (unknown or bad options raise)."""
-    return get_method(cfg.method).options(**cfg.options)
 
 
 def reference_method(role: str) -> Method | None:

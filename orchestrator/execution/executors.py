@@ -4,7 +4,7 @@ An executor takes a stage with its resources and hands back finished stages
 one at a time: `submit` starts (or queues) a stage, `next_done` waits up to
 `timeout` seconds for one to finish and returns (key, result) or (key,
 exception), `cancel` stops whatever is running. The scheduler in
-`orchestrator.runner` never touches Ray itself, so it is unit-tested with
+`orchestrator.execution.submit` never touches Ray itself, so it is unit-tested with
 `InlineExecutor`, which runs each stage in this process when asked for the
 next finished one.
 """

@@ -1,4 +1,6 @@
-"""execution/ray_session: from orchestrator.executors."""
+"""The driver's Ray: connect to a cluster or start a local one (with the CPUs this process may use), and
+check a cluster address answers before anything is written.
+"""
 
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from typing import Callable
 
 from orchestrator.execution.executors import Executor
 from orchestrator.plan.graph import StageGraph
-from orchestrator.spec.models import ResourcesSpec
-from orchestrator.stages.search_space import search_progress
+from orchestrator.spec.models import ResourcesSpec, StageResources
+from orchestrator.stages.base import Stage
 from orchestrator.storage.files import CorruptArtifact
 from orchestrator.storage.leases import Leases
 from orchestrator.storage.local import ArtifactStore
@@ -142,7 +142,7 @@ class Scheduler:
         if self.store.exists(stage.kind, key) and not self.store.is_complete(stage.kind, key, full=True):
             self.store.quarantine(stage.kind, key)  # verified twice, under the lease: damaged
             self.emit({"type": "warning", "message": f"stored stage {stage.label} was damaged; rebuilding"})
-        self.executor.submit(stage, getattr(self.resources, stage.kind))
+        self.executor.submit(stage, self._resources(stage))
         self.started[key] = self.submitted[key] = time.time()
         self._set(key, "running")
 
@@ -166,7 +166,7 @@ class Scheduler:
         if bad is not None and bad.key != key and bad.key not in self.rebuilt and bad.key in self.graph.stages:
             self._rebuild(key, bad)
             return
-        message = f"timed out after {getattr(self.resources, stage.kind).timeout_s:g} s" \
+        message = f"timed out after {self._resources(stage).timeout_s:g} s" \
             if key in self.timed_out else task_error(result)
         self._set(key, "failed", message, attempts=attempts)
         self._skip_dependents(key)
@@ -195,7 +195,7 @@ class Scheduler:
             self._start(key)
         now = time.time()
         for key, t0 in list(self.started.items()):
-            res = getattr(self.resources, self.graph.stages[key].kind)
+            res = self._resources(self.graph.stages[key])
             if res.timeout_s and now - t0 > res.timeout_s and key not in self.timed_out:
                 self.timed_out.add(key)
                 self.executor.cancel(key)
@@ -205,16 +205,20 @@ class Scheduler:
                 self.warned.add(key)
                 self.emit({"type": "warning", "message": f"{self.graph.stages[key].label} has waited {now - t0:.0f} s "
                                                          f"to start: {self.executor.why_pending(res)}"})
-            if self.graph.stages[key].kind == "search":
-                self._search_progress(key)
+            if self.graph.stages[key].record.progress is not None:
+                self._report_progress(key)
         return "cancelled" if self.log.cancel_requested() else None
 
-    def _search_progress(self, key: str) -> None:
-        """A running search's trials, for the live view (only when they changed)."""
-        progress = search_progress(self.store, key)
+    def _resources(self, stage: Stage) -> StageResources:
+        return getattr(self.resources, stage.record.resources)
+
+    def _report_progress(self, key: str) -> None:
+        """A running stage's progress (a search's trials), for the live view (only when it changed)."""
+        stage = self.graph.stages[key]
+        progress = stage.record.progress(self.store, key)
         if progress is not None and progress != self.progress.get(key):
             self.progress[key] = progress
-            self.emit({"type": "search", "key": key, **progress})
+            self.emit({"type": "progress", "key": key, "kind": stage.kind, **progress})
 
     def run(self) -> str:
         last_poll = time.time()

@@ -4,7 +4,7 @@ Read top to bottom: build the graph, check everything a user can get wrong
 (tracking reachable, data present, every stage kind fits on one node) before
 anything is written, mark stages already in the store as cached, start the
 study's log and heartbeat, then hand the graph to the scheduler
-(`orchestrator.scheduler`) with an executor (Ray tasks, or inline in tests).
+(`orchestrator.execution.scheduler`) with an executor (Ray tasks, or inline in tests).
 Tracking subscribes to the scheduler's transitions and logs from a background
 thread; whatever it could not log, `sync_study` logs later. Every exit path
 (success, failure, an exception, Ctrl-C, SIGTERM, `ddray study cancel`)
@@ -40,6 +40,7 @@ from orchestrator.reporting.results import (
 )
 from orchestrator.spec.models import StudySpec
 from orchestrator.spec.paths import absolute_sqlite
+from orchestrator.stages.base import KINDS
 from orchestrator.storage.leases import Leases, Owner
 from orchestrator.storage.opener import open_leases, open_store
 from orchestrator.storage.studies import DONE, HEARTBEAT_S, StudyLog, load_record
@@ -59,7 +60,7 @@ class StudyOutcome:
     errors: dict[str, str] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)  # stages that took more than one execution
     tracking: dict = field(default_factory=dict)
-    searches: list[dict] = field(default_factory=list)  # one per search stage run or reused
+    summaries: dict[str, list[dict]] = field(default_factory=dict)  # kind -> what its finished stages report
     findings: list[dict] = field(default_factory=list)  # the spec's claims tested on the results
 
     def summary(self) -> dict:
@@ -68,22 +69,21 @@ class StudyOutcome:
                "stages": {"total": c["total"], "executed": c["executed"], "cached": c["cached"] + c["reused"],
                           "failed": c["failed"] + c["skipped"]},
                "retried": self.attempts, "not_logged": self.tracking.get("not_logged", 0)}
-        if self.searches:
-            out["search"] = self.searches
+        out.update(self.summaries)  # e.g. "search": each search's trials and best
         if self.findings:
             out["findings"] = {v: sum(f["verdict"] == v for f in self.findings)
                                for v in ("holds", "contradicted", "inconclusive")}
         return out
 
 
-def search_summaries(store, graph: StageGraph, states: dict[str, str]) -> list[dict]:
-    """What each finished search found: trials, how many ASHA stopped early, the best trial."""
-    out = []
-    for stage in graph.of_kind("search"):
-        if states.get(stage.key) in DONE:
-            s = store.read_json("search", stage.key, "result.json")["search"]
-            out.append({"stage": stage.label, "key": stage.key, "trials": s["trials"],
-                        "stopped_early": s["stopped_early"], "best": s["best"]})
+def kind_summaries(store, graph: StageGraph, states: dict[str, str]) -> dict[str, list[dict]]:
+    """What each finished stage of a kind with a summary reports (a search: its trials and best), by kind."""
+    out: dict[str, list[dict]] = {}
+    for stage in graph.stages.values():
+        summarise = stage.record.summary
+        if summarise is not None and states.get(stage.key) in DONE:
+            result = store.read_json(stage.kind, stage.key, "result.json")
+            out.setdefault(stage.kind, []).append({"stage": stage.label, "key": stage.key, **summarise(result)})
     return out
 
 
@@ -93,11 +93,9 @@ def check_resources(spec: StudySpec, graph: StageGraph) -> None:
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU", "memory")}
-    counts = graph.counts()
-    needed = {**counts, "trial": counts.get("search", 0)}  # each search's trials hold resources.trial
-    for kind, n in needed.items():
-        if not n:
-            continue
+    held = {KINDS[kind].resources for kind, n in graph.counts().items() if n}
+    held |= {field for kind, n in graph.counts().items() if n for field in KINDS[kind].holds}  # a search's trials
+    for kind in sorted(held):
         want = getattr(spec.resources, kind)
         for field_name, resource, value in (("cpus", "CPU", want.cpus), ("gpus", "GPU", want.gpus),
                                             ("memory_gb", "memory", (want.memory_gb or 0) * 2**30)):
@@ -195,20 +193,20 @@ class Heartbeat:
         self.thread.join(timeout=2 * self.every)
 
 
-def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = None,
-                 tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
-                 on_event: EventFn | None = None, max_stages: int | None = MAX_STAGES,
-                 executor: Callable[[str, dict], Executor] | None = None,
-                 graph: StageGraph | None = None) -> StudyOutcome:
-    """Run every stage of `spec` (or of `graph`, built from it) not already in the store;
-    `executor(store_root, runtime)` defaults to Ray."""
-    emit = on_event or (lambda event: None)
-    store = open_store(store_root or spec.store.root)
-    graph = graph or build_stage_graph(spec, max_stages)
-    uri = absolute_sqlite(tracking_uri or spec.tracking.uri, Path.cwd())  # recorded absolute: reached from anywhere
-    check_uri(uri)
+@dataclass
+class Preflight:
+    """What the checks before a submit found: nothing is written before they pass."""
 
-    # --- preflight: nothing is written before these pass -----------------------------------------
+    cached: set[str]  # stages complete in the store
+    tracked_parent: str | None  # the parent run, when every stage is stored and already in MLflow
+    tracker: Tracker | None  # None: nothing to log (tracked_parent), or the checks did not open one
+    runner: Executor
+
+
+def preflight(spec: StudySpec, store, graph: StageGraph, uri: str, address: str | None, num_cpus: int | None,
+              executor: Callable[[str, dict], Executor] | None) -> Preflight:
+    """Tracking reachable, data present, every stage kind fits on one node; Ray started only if needed."""
+    check_uri(uri)
     if address:
         check_reachable(address)
     cached = {k for k, s in graph.stages.items() if store.is_complete(s.kind, k)}
@@ -226,69 +224,101 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
         executor = ActorExecutor if spec.resources.executor == "actors" else RayExecutor
     tracker = opening.result() if opening is not None else None
     data.result()
-    runner = executor(str(store.root), spec.runtime.model_dump(exclude={"device"}))
-    store.clean_temp()
+    return Preflight(cached, tracked_parent, tracker, executor(str(store.root), spec.runtime.model_dump(exclude={"device"})))
 
-    # --- the run -----------------------------------------------------------------------------------
+
+def open_study(spec: StudySpec, spec_text: str, store, graph: StageGraph, uri: str, pre: Preflight, log: StudyLog,
+               leases: Leases, emit: EventFn):
+    """The parent run, the study log's first record, the start event; stored stages logged (tracking, parent)."""
+    if pre.tracker is None:
+        tracking, parent = NoTracking(pre.tracked_parent), pre.tracked_parent
+    else:
+        tracking = TrackingSession(pre.tracker, store, spec.study_id, leases, emit)
+        parent = tracking.open(spec.name, spec.spec_hash(), spec_text, __version__)
+    dump = spec.model_dump(mode="json")
+    dump["tracking"]["uri"] = redact(uri)
+    stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.input_keys,
+                  "state": "cached" if k in pre.cached else "pending"} for k, s in graph.stages.items()}
+    owner = log.owner
+    log.start({"name": spec.name, "spec_hash": spec.spec_hash(), "spec": dump,
+               "tracking_uri": redact(uri), "experiment": spec.experiment_name,
+               "parent_run_id": parent, "store_root": str(store.root), "ddray_version": __version__,
+               "driver": {"host": owner.host, "pid": owner.pid, "id": owner.driver}}, stages)
+    emit({"type": "start", "study_id": spec.study_id, "parent_run_id": parent, "stages": stages,
+          "store": str(store.root), "tracking_uri": redact(uri)})
+    tracking.log_stored({k: graph.stages[k].kind for k in pre.cached})
+    return tracking, parent
+
+
+def run_stages(spec: StudySpec, store, graph: StageGraph, pre: Preflight, log: StudyLog, leases: Leases,
+               tracking, emit: EventFn) -> str:
+    """The scheduler over the graph, under the driver's heartbeat; failed stages reach tracking too."""
+    def on_event(event: dict) -> None:
+        if event["type"] == "stage" and event["state"] == "failed":
+            s = graph.stages[event["key"]]
+            tracking.failed(s.label, s.key, s.kind, event.get("error", ""))
+        emit(event)
+
+    scheduler = Scheduler(graph, spec.resources, store, log, leases, pre.runner, on_event, tracking.executed)
+    with Heartbeat(log, leases):
+        return scheduler.run()
+
+
+def close_study(spec: StudySpec, store, graph: StageGraph, pre: Preflight, log: StudyLog, leases: Leases,
+                tracking, parent: str | None, state: str, emit: EventFn) -> StudyOutcome:
+    """Findings, the parent run closed, the log's final state, leases released; the outcome."""
     study_id = spec.study_id
-    owner = Owner.here()
-    leases = open_leases(store, owner)
-    log = StudyLog(store, study_id, owner)
-    with signals_as_interrupts():
-        try:
-            if tracker is None:
-                tracking, parent = NoTracking(tracked_parent), tracked_parent
-            else:
-                tracking = TrackingSession(tracker, store, study_id, leases, emit)
-                parent = tracking.open(spec.name, spec.spec_hash(), spec_text, __version__)
-            dump = spec.model_dump(mode="json")
-            dump["tracking"]["uri"] = redact(uri)
-            stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.input_keys,
-                          "state": "cached" if k in cached else "pending"} for k, s in graph.stages.items()}
-            log.start({"name": spec.name, "spec_hash": spec.spec_hash(), "spec": dump,
-                       "tracking_uri": redact(uri), "experiment": spec.experiment_name,
-                       "parent_run_id": parent, "store_root": str(store.root), "ddray_version": __version__,
-                       "driver": {"host": owner.host, "pid": owner.pid, "id": owner.driver}}, stages)
-            emit({"type": "start", "study_id": study_id, "parent_run_id": parent, "stages": stages,
-                  "store": str(store.root), "tracking_uri": redact(uri)})
-            tracking.log_stored({k: graph.stages[k].kind for k in cached})
-
-            def on_event(event: dict) -> None:
-                if event["type"] == "stage" and event["state"] == "failed":
-                    s = graph.stages[event["key"]]
-                    tracking.failed(s.label, s.key, s.kind, event.get("error", ""))
-                emit(event)
-
-            scheduler = Scheduler(graph, spec.resources, store, log, leases, runner, on_event, tracking.executed)
-            with Heartbeat(log, leases):
-                state = scheduler.run()
-        except BaseException:
-            runner.cancel()
-            log.finish("failed")
-            leases.release_all()
-            raise
-        counts = log.counts()
-        record = load_record(store, study_id)
-        results = evaluation_results(store, record)  # read once, for the claims and the rows
-        findings = study_findings(store, record, results) if spec.findings else []
-        if findings and tracker is not None and parent is not None:
-            try:  # best-effort, as all tracking: the store holds what the findings are computed from
-                tracker.log_findings(parent, findings)
-            except Exception as exc:
-                emit({"type": "warning", "message": f"tracking: findings not logged ({type(exc).__name__}); "
-                                                    f"`ddray study report {study_id}` logs them again"})
-        tracked = tracking.close(state, counts)
-        if state == "succeeded" and not tracked["not_logged"]:
-            tracking.remember_complete(graph.stages)
-        log.finish(state)
-        leases.release_all()
+    counts = log.counts()
+    record = load_record(store, study_id)
+    results = evaluation_results(store, record)  # read once, for the claims and the rows
+    findings = study_findings(store, record, results) if spec.findings else []
+    if findings and pre.tracker is not None and parent is not None:
+        try:  # best-effort, as all tracking: the store holds what the findings are computed from
+            pre.tracker.log_findings(parent, findings)
+        except Exception as exc:
+            emit({"type": "warning", "message": f"tracking: findings not logged ({type(exc).__name__}); "
+                                                f"`ddray study report {study_id}` logs them again"})
+    tracked = tracking.close(state, counts)
+    if state == "succeeded" and not tracked["not_logged"]:
+        tracking.remember_complete(graph.stages)
+    log.finish(state)
+    leases.release_all()
     if tracked["not_logged"]:
         emit({"type": "warning", "message": f"tracking: {tracked['not_logged']} run(s) not logged "
                                             f"({'; '.join(tracked['errors']) or 'server unreachable'}); "
                                             f"run `ddray study sync {study_id}`"})
     attempts = {graph.stages[k].label: n for k, n in ((k, store.attempts(k)) for k, st in log.states.items()
                                                        if st == "executed") if n > 1}
-    outcome = StudyOutcome(study_id, state, counts, parent, study_results(store, record, results),
-                           dict(log.errors), attempts, tracked, search_summaries(store, graph, log.states), findings)
+    return StudyOutcome(study_id, state, counts, parent, study_results(store, record, results),
+                        dict(log.errors), attempts, tracked, kind_summaries(store, graph, log.states), findings)
+
+
+def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = None,
+                 tracking_uri: str | None = None, address: str | None = None, num_cpus: int | None = None,
+                 on_event: EventFn | None = None, max_stages: int | None = MAX_STAGES,
+                 executor: Callable[[str, dict], Executor] | None = None,
+                 graph: StageGraph | None = None) -> StudyOutcome:
+    """Run every stage of `spec` (or of `graph`, built from it) not already in the store;
+    `executor(store_root, runtime)` defaults to Ray."""
+    emit = on_event or (lambda event: None)
+    store = open_store(store_root or spec.store.root)
+    graph = graph or build_stage_graph(spec, max_stages)
+    uri = absolute_sqlite(tracking_uri or spec.tracking.uri, Path.cwd())  # recorded absolute: reached from anywhere
+    pre = preflight(spec, store, graph, uri, address, num_cpus, executor)
+    store.clean_temp()
+
+    owner = Owner.here()
+    leases = open_leases(store, owner)
+    log = StudyLog(store, spec.study_id, owner)
+    with signals_as_interrupts():
+        try:
+            tracking, parent = open_study(spec, spec_text, store, graph, uri, pre, log, leases, emit)
+            state = run_stages(spec, store, graph, pre, log, leases, tracking, emit)
+        except BaseException:  # Ctrl-C, SIGTERM, a bug: stop what runs, leave the study in a final state
+            pre.runner.cancel()
+            log.finish("failed")
+            leases.release_all()
+            raise
+        outcome = close_study(spec, store, graph, pre, log, leases, tracking, parent, state, emit)
     emit({"type": "end", **outcome.summary()})
     return outcome

@@ -1,4 +1,4 @@
-"""execution/sync: from orchestrator.runner."""
+"""`ddray study sync`: log to MLflow what a study's store holds and its tracking missed (the store is the truth)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
+from typing import Iterator
 
 from distill_core.data.biased import DatasetConfig
 from distill_core.data.sources import SOURCES
@@ -33,12 +34,13 @@ from distill_core.methods.registry import (
 )
 from distill_core.ptm import PTMConfig, recipe
 from orchestrator.errors import UserError
-from orchestrator.spec.checks import option_grid, option_points
+from orchestrator.spec.base import shared
+from orchestrator.spec.checks import option_points
 from orchestrator.spec.claims import unmatched_filters
-from orchestrator.spec.models import DatasetSpec, GuidanceSpec, PTMPoolSpec, StudySpec
-from orchestrator.spec.search import applies
+from orchestrator.spec.models import DatasetSpec, DistillationSpec, GuidanceSpec, PTMPoolSpec, StudySpec
+from orchestrator.spec.search import SearchConfig, applies
 from orchestrator.stages.base import KINDS, Inputs, Stage
-from orchestrator.stages.search_space import SearchConfig, max_iterations
+from orchestrator.stages.search_space import max_iterations
 
 MAX_STAGES = 100_000  # a larger grid is refused (override: --max-stages); the graph is built in memory
 
@@ -75,8 +77,8 @@ class StageGraph:
 
 
 def dataset_stage(ds: DatasetSpec, ratio: float, severity: int, holdout: float) -> Stage:
-    shared = ds.model_dump(include=set(DatasetConfig.model_fields) - {"val_fraction"})
-    config = DatasetConfig(**shared, aligned_ratio=ratio, severity=severity, val_fraction=holdout)
+    config = DatasetConfig(**shared(ds, DatasetConfig), source=ds.source, aligned_ratio=ratio, severity=severity,
+                           val_fraction=holdout)
     coords = {"dataset": ds.name, "source": ds.source, "aligned_ratio": ratio if ds.bias != "none" else None,
               "severity": severity if ds.bias != "none" else None,
               "val_split": (ds.val_split if ds.bias != "none" else "biased") if holdout > 0 else None}
@@ -89,8 +91,8 @@ def ptm_stages(pool: PTMPoolSpec, data: Stage) -> list[Stage]:
     training = recipe(pool.recipe, epochs, dsa_strategy(SOURCES[data.coords["source"]]))
     out = []
     for arch, seed in product(pool.architectures, pool.seeds):
-        config = PTMConfig(arch=arch.name, arch_options=arch.options, seed=seed, epochs=epochs, lr=pool.lr,
-                           batch_size=pool.batch_size, keep_epochs=pool.checkpoint_epochs, **training)
+        config = PTMConfig(**shared(pool, PTMConfig), arch=arch.name, arch_options=arch.options, seed=seed,
+                           epochs=epochs, **training)
         coords = {**data.coords, "pool": pool.name, "arch": arch.label, "seed": seed, "recipe": pool.recipe}
         out.append(Stage("ptm", config.to_dict(), {"dataset": data.key},
                          f"{pool.name}/{arch.label}/s{seed} on {data.label}", coords))
@@ -103,10 +105,9 @@ def evaluation_stages(spec: StudySpec, method: Method, distill: Stage, target: S
     out = []
     for arch in e.architectures:
         protocol = method.protocol(SOURCES[source], arch.name)
-        config = EvalConfig(arch=arch.name, arch_options=arch.options, epochs=e.epochs or protocol.epochs,
-                            lr=e.lr, batch_size=e.batch_size, checkpoints=e.checkpoints, repeats=e.repeats,
-                            augment=evaluation_augment(e.augmentation, protocol, SOURCES[source]), seed=spec.seed,
-                            selection=e.selection)
+        config = EvalConfig(**shared(e, EvalConfig), arch=arch.name, arch_options=arch.options,
+                            epochs=e.epochs or protocol.epochs, seed=spec.seed,
+                            augment=evaluation_augment(e.augmentation, protocol, SOURCES[source]))
         coords = {**distill.coords, "eval_arch": arch.label,
                   "eval_protocol": f"{config.augment or 'none'}/{config.epochs}ep", "selection": e.selection}
         out.append(Stage("evaluate", config.to_dict(), {"synthetic": distill.key, "dataset": target.key},
@@ -146,27 +147,22 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
             method = METHODS[name]
             if method.reference == "whole_dataset" and ipc != d.ipc[0]:
                 continue  # the whole training split has no IPC: one stage per variant
-            axes = option_grid(name, d.options.get(name, {}))
-            if method.optimises_images:
-                grid = product(d.iterations or [method.iterations], d.lr_img or [method.lr_img], d.guidance,
-                               option_points(name, d.options.get(name, {})))
-            else:  # coreset baselines: no iterations, no lr, no guidance, no options
-                grid = [(0, 0.0, GuidanceSpec(), {})]
-            for (iters, lr, guide, options), seed in product(grid, d.seeds):
+            axes = d.options.get(name, {})  # the method's option grids, validated when the spec was read
+            for (iters, lr, guide, options), seed in product_lazily(settings(method, d, axes), d.seeds):
                 if not guide.applies(name, ipc):
                     continue  # an entry restricted to other methods / IPCs (e.g. a published alpha's cells)
                 inputs: Inputs = {"dataset": target.key}
                 guidance = None
                 if guide.kind != "none":
                     inputs["ptms"] = [s.key for s in pool_stages(guide.pool, target)]
-                    guidance = GuidanceConfig(**guide.model_dump(include=set(GuidanceConfig.model_fields)))
+                    guidance = GuidanceConfig(**shared(guide, GuidanceConfig), kind=guide.kind)
                 if method.needs_experts:
                     inputs["experts"] = [s.key for s in pool_stages(d.trajectories, target)]
                 config = DistillConfig(
-                    method=name, ipc=ipc, iterations=iters, lr_img=lr, arch=d.arch.name,
-                    arch_options=d.arch.options, lr_net=d.lr_net, batch_real=d.batch_real,
-                    init=d.init or method.init, augment=strategy if method.augment else None,
-                    seed=seed + spec.seed, log_every=d.log_every, options=options, guidance=guidance)
+                    **shared(d, DistillConfig), method=name, ipc=ipc, iterations=iters, lr_img=lr, arch=d.arch.name,
+                    arch_options=d.arch.options, init=d.init or method.init,
+                    augment=strategy if method.augment else None, seed=seed + spec.seed, options=options,
+                    guidance=guidance)
                 coords = {**target.coords, "method": name, "ipc": None if method.reference == "whole_dataset" else ipc,
                           "iterations": iters, "lr_img": lr,
                           "guidance": guide.label, "distill_seed": seed, "options": options or None}
@@ -180,6 +176,23 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
             random_baseline_stages(graph, spec, target)
     check_claims(spec, graph)
     return graph
+
+
+def settings(method: Method, d: DistillationSpec, axes: dict[str, list]) -> Iterator[tuple]:
+    """(iterations, lr_img, guidance, options) of each distillation of `method`, one at a time."""
+    if not method.optimises_images:  # coreset baselines: no iterations, no lr, no guidance, no options
+        yield 0, 0.0, GuidanceSpec(), {}
+        return
+    for iters, lr, guide in product(d.iterations or [method.iterations], d.lr_img or [method.lr_img], d.guidance):
+        for options in option_points(axes):
+            yield iters, lr, guide, options
+
+
+def product_lazily(first: Iterator, second: list) -> Iterator[tuple]:
+    """`product(first, second)` without materialising `first` (itertools.product would)."""
+    for a in first:
+        for b in second:
+            yield a, b
 
 
 def check_claims(spec: StudySpec, graph: StageGraph) -> None:
@@ -202,9 +215,9 @@ def random_baseline_stages(graph: StageGraph, spec: StudySpec, target: Stage) ->
         return
     for ipc in d.ipc:
         config = DistillConfig(
-            method=reference.name, ipc=ipc, iterations=0, lr_img=0.0, arch=d.arch.name, arch_options=d.arch.options,
-            lr_net=d.lr_net, batch_real=d.batch_real, init=d.init or reference.init, augment=None,
-            seed=d.seeds[0] + spec.seed, log_every=d.log_every, options={}, guidance=None)
+            **shared(d, DistillConfig), method=reference.name, ipc=ipc, iterations=0, lr_img=0.0, arch=d.arch.name,
+            arch_options=d.arch.options, init=d.init or reference.init, augment=None, seed=d.seeds[0] + spec.seed,
+            options={}, guidance=None)
         coords = {**target.coords, "method": reference.name, "ipc": ipc, "iterations": 0, "lr_img": 0.0,
                   "guidance": "none", "distill_seed": d.seeds[0], "options": None, "reference": "random_subset"}
         baseline = graph.add(Stage("distill", config.to_dict(), {"dataset": target.key},
@@ -226,13 +239,13 @@ def search_stage(spec: StudySpec, method: Method, config: DistillConfig, guide: 
         return None
     protocol = method.protocol(SOURCES[target.coords["source"]], spec.distillation.arch.name)
     e = spec.evaluation
-    proxy = EvalConfig(arch=config.arch, arch_options=config.arch_options, epochs=s.proxy.epochs,
-                       lr=e.lr, batch_size=e.batch_size, checkpoints=1, repeats=s.proxy.repeats,
+    # the study's evaluation settings, with the proxy's own budget: one check, the final epoch's score
+    proxy = EvalConfig(**{**shared(e, EvalConfig), "checkpoints": 1, "repeats": s.proxy.repeats, "selection": "last"},
+                       arch=config.arch, arch_options=config.arch_options, epochs=s.proxy.epochs,
                        augment=protocol.augment if s.proxy.augmentation == "auto" else None, seed=spec.seed)
     every = s.proxy.every or max(1, max_iterations(space, config.iterations) // 4)
-    cfg = SearchConfig(distill=config, space=space, num_samples=s.num_samples, scheduler=s.scheduler,
-                       grace_period=s.grace_period or every, reduction_factor=s.reduction_factor,
-                       algorithm=s.algorithm, seed=s.seed, max_concurrent=s.max_concurrent, every=every, proxy=proxy)
+    cfg = SearchConfig(**shared(s, SearchConfig), distill=config, space=space, grace_period=s.grace_period or every,
+                       every=every, proxy=proxy)
     trial = spec.resources.trial
     return Stage("search", cfg.to_dict(), inputs, f"search {label}", {**coords, "search": ",".join(space)},
                  runtime={"trial": {"cpus": trial.cpus, "gpus": trial.gpus}, "max_failures": s.max_failures})

@@ -1,4 +1,4 @@
-"""reporting/compare: from orchestrator.report."""
+"""Two studies' result rows side by side (`ddray study compare A B`): the difference per matched row."""
 
 from __future__ import annotations
 

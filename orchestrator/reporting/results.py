@@ -1,4 +1,6 @@
-"""reporting/results: from orchestrator.studies."""
+"""A study's result rows: one per (variant, method, IPC, guidance, evaluation architecture, ...), read from its
+evaluation stages' stored results, with the random-subset and whole-dataset scores beside each row.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def evaluation_results(store: ArtifactStore, record: dict) -> list[dict]:
 
 
 def study_findings(store: ArtifactStore, record: dict, results: list[dict] | None = None) -> list[dict]:
-    """The spec's claims (`findings:`) evaluated on the study's finished evaluations (`orchestrator.findings`);
+    """The spec's claims (`findings:`) evaluated on the study's finished evaluations (`orchestrator.reporting.findings`);
     `results`: those evaluations' stored results, where the caller has read them already."""
     claims = [ClaimSpec(**c) for c in (record.get("spec") or {}).get("findings") or []]
     if not claims:

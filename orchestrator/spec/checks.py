@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from itertools import product
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 from pydantic import BeforeValidator, Field, ValidationError, create_model
 
@@ -66,10 +66,11 @@ def option_grid(method: str, raw: dict) -> dict[str, list]:
     return {k: v for k, v in model.model_validate(raw).model_dump().items() if v is not None}
 
 
-def option_points(method: str, raw: dict) -> list[dict]:
-    """Every combination of the option axes: one options dict per distillation stage."""
-    axes = option_grid(method, raw)
-    return [dict(zip(axes, values)) for values in product(*axes.values())]
+def option_points(axes: dict[str, list]) -> Iterator[dict]:
+    """Every combination of a method's option axes (validated grids), one at a time: a large grid stops at
+    the first problem or at the stage limit instead of filling memory first."""
+    for values in product(*axes.values()):
+        yield dict(zip(axes, values))
 
 
 def _options(spec: StudySpec) -> list[Problem]:
@@ -84,7 +85,7 @@ def _options(spec: StudySpec) -> list[Problem]:
             continue
         if method not in spec.distillation.methods:
             out.append(Problem(loc, f"method '{method}' is not in distillation.methods"))
-        for point in option_points(method, raw):  # cross-field checks of the method's own model
+        for point in option_points(option_grid(method, raw)):  # cross-field checks of the method's own model
             try:
                 METHODS[method].options(**point)
             except ValidationError as exc:

@@ -1,4 +1,6 @@
-"""spec/claims: from orchestrator.findings."""
+"""Claims a study makes about its own results (`findings:` in the spec): what a claim is and which
+evaluations it selects. Evaluating them (the bootstrap, the verdicts) is `orchestrator.reporting.findings`.
+"""
 
 from __future__ import annotations
 

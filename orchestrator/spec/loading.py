@@ -1,4 +1,6 @@
-"""spec/loading: from orchestrator.spec."""
+"""Reading a spec: YAML (safe loader, duplicate keys refused), profiles overlaid, relative paths anchored,
+the models validated, the cross-field checks run, method options normalised to their typed grids.
+"""
 
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def read_spec(path: str | Path, profile: str | None = None, anchored: bool = Tru
     spec (mappings key by key, anything else replaced) when `--profile NAME` is
     given, e.g. a `smoke` profile shrinking a paper study to minutes on a CPU.
     Relative paths written in the spec resolve against the file's directory
-    (`orchestrator.paths`); `anchored=False` keeps them as written (a cluster
+    (`orchestrator.spec.paths`); `anchored=False` keeps them as written (a cluster
     submission refuses them, since the laptop's directories mean nothing there).
     """
     p = Path(path)

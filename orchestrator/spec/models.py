@@ -9,8 +9,8 @@ only at those); every (synthetic set x evaluation architecture) becomes
 one evaluation stage. What each method is (defaults, options, evaluation
 protocol, inputs) comes from `distill_core.methods`'s registry: nothing here
 names a method. Problems come back as one line each, naming the field path
-(`orchestrator.spec_errors`); checks across fields live in
-`orchestrator.spec_checks`.
+(`orchestrator.spec.problems`); checks across fields live in
+`orchestrator.spec.checks`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ from pydantic import (
     model_validator,
 )
 
+from distill_core.data.biased import DatasetConfig
 from distill_core.data.colored import SEVERITY_SIGMA
 from distill_core.data.sources import SOURCES
-from distill_core.methods import METHODS
+from distill_core.evaluation import EvalConfig
+from distill_core.guidance import GuidanceConfig
+from distill_core.methods import METHODS, DistillConfig
 from distill_core.networks import ARCHITECTURES
+from distill_core.ptm import PTMConfig
 from distill_core.runtime import Runtime
 from orchestrator.errors import suggest
-from orchestrator.spec.base import Strict, as_list
+from orchestrator.spec.base import Strict, as_list, bounded, same
 from orchestrator.spec.claims import ClaimSpec
 from orchestrator.spec.search import SearchSpec
 
@@ -64,8 +68,6 @@ SourceName = Annotated[str, _known("source", SOURCES)]
 
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
-
-Epochs = Annotated[int, Field(ge=0, le=100_000)]
 
 
 class ArchSpec(Strict):
@@ -104,24 +106,24 @@ class StoreSpec(Strict):
 class DatasetSpec(Strict):
     name: Name
     source: SourceName
-    bias: Literal["colored", "corrupted", "none"] = "colored"
-    aligned_ratios: Grid(Annotated[float, Field(ge=0.0, le=1.0)]) = [0.95]
+    bias: same(DatasetConfig, "bias")
+    aligned_ratios: Grid(bounded(DatasetConfig, "aligned_ratio")) = [0.95]
     severities: Grid(Literal[tuple(SEVERITY_SIGMA)]) = [1]
-    max_per_class: int | None = Field(default=None, ge=1, le=10**7)
+    max_per_class: same(DatasetConfig, "max_per_class")
     # the share of train held out for validation; None: 0.1 when the study needs a held-out split
     # (evaluation.selection: val, or a search's proxy), else 0 (as upstream: distil from the whole split)
-    val_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
+    val_fraction: bounded(DatasetConfig, "val_fraction") | None = None
     # biased data: a held-out split as biased as training, or balanced over (class, attribute) groups
-    val_split: Literal["biased", "balanced"] = "biased"
+    val_split: same(DatasetConfig, "val_split")
     data_root: str | None = Field(default=None, max_length=1000)
-    seed: Seed = 0
-    zca: bool = False  # ZCA whitening (MTT's CIFAR setting) instead of per-channel standardisation
+    seed: same(DatasetConfig, "seed")
+    zca: same(DatasetConfig, "zca")  # ZCA whitening (MTT's CIFAR setting) instead of per-channel standardisation
     distill: bool = True  # false: only a PTM source (e.g. CIFAR-100 PTMs guiding CIFAR-10)
     # the source's images resized to image_size and converted to `channels` (grey -> RGB by replication,
     # RGB -> grey by luma) before the bias builder: a PTM source of another shape than the targets (MNIST
     # PTMs for 3x32x32 CIFAR-10). None: the source's own. Source imagefolder declares both sizes here.
-    image_size: int | None = Field(default=None, ge=1, le=4096)
-    channels: Literal[1, 3] | None = None
+    image_size: same(DatasetConfig, "image_size")
+    channels: same(DatasetConfig, "channels")
     num_classes: int | None = Field(default=None, ge=2, le=100_000)  # declared by source imagefolder only
 
     @model_validator(mode="after")
@@ -169,13 +171,13 @@ class PTMPoolSpec(Strict):
     aligned_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     severity: int | None = Field(default=None, ge=1, le=4)
     architectures: list[ArchSpec] = Field(min_length=1, max_length=MAX_GRID)
-    seeds: Grid(Seed) = [0]
+    seeds: Grid(bounded(PTMConfig, "seed")) = [0]
     # "ptm": paper 2's recipe (150 epochs); "expert": MTT's buffer recipe (50 epochs), for trajectories
     recipe: Literal["ptm", "expert"] = "ptm"
-    epochs: int | None = Field(default=None, ge=1, le=100_000)  # None: the recipe's (150 / 50)
-    checkpoint_epochs: list[Epochs] | None = Field(default=None, max_length=100_000)  # None = every epoch
-    lr: float = Field(default=0.01, gt=0, le=100)
-    batch_size: int = Field(default=256, ge=1, le=100_000)
+    epochs: bounded(PTMConfig, "epochs") | None = None  # None: the recipe's (150 / 50)
+    checkpoint_epochs: same(PTMConfig, "keep_epochs")  # the checkpoints kept; None = every epoch
+    lr: same(PTMConfig, "lr")
+    batch_size: same(PTMConfig, "batch_size")
 
     @property
     def train_epochs(self) -> int:
@@ -188,13 +190,13 @@ RESTRICTIONS = ("methods", "ipc")  # GuidanceSpec fields saying where an entry r
 class GuidanceSpec(Strict):
     kind: Literal["none", "clom", "cclom"] = "none"
     pool: str | None = None
-    alpha: Annotated[float, Field(ge=0, le=1e9)] | dict[str, Annotated[float, Field(ge=0, le=1e9)]] = 1.0
-    checkpoint_epochs: list[Epochs] | None = None  # which kept checkpoints to sample; None = the final one
-    real_batch: int = Field(default=8196, ge=1, le=1_000_000)
+    alpha: same(GuidanceConfig, "alpha")
+    checkpoint_epochs: same(GuidanceConfig, "checkpoint_epochs")
+    real_batch: same(GuidanceConfig, "real_batch")
     # where the entry runs: the study's methods and IPCs it is crossed with (None: every one), e.g. a
     # published alpha at its own (method, IPC) cells only; not part of the guidance itself (nor its label)
     methods: Grid(MethodName) | None = None
-    ipc: Grid(Annotated[int, Field(ge=1, le=100_000)]) | None = None
+    ipc: Grid(bounded(DistillConfig, "ipc")) | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -229,36 +231,36 @@ class GuidanceSpec(Strict):
 
 class DistillationSpec(Strict):
     methods: Grid(MethodName)  # registry names (distill_core.methods.METHODS)
-    ipc: Grid(Annotated[int, Field(ge=1, le=100_000)]) = [10]
-    iterations: Grid(Annotated[int, Field(ge=1, le=10_000_000)]) | None = None  # None: each method's default
-    lr_img: Grid(Annotated[float, Field(gt=0, le=1e9)]) | None = None  # None: each method's default
-    seeds: Grid(Seed) = [0]  # distillation repeats: results are mean +- std over seeds x networks
+    ipc: Grid(bounded(DistillConfig, "ipc")) = [10]
+    iterations: Grid(bounded(DistillConfig, "iterations")) | None = None  # None: each method's default
+    lr_img: Grid(bounded(DistillConfig, "lr_img")) | None = None  # None: each method's default
+    seeds: Grid(bounded(DistillConfig, "seed")) = [0]  # distillation repeats: mean +- std over seeds x networks
     arch: ArchSpec = ArchSpec(name="convnet")
-    batch_real: int = Field(default=256, ge=1, le=100_000)
-    lr_net: float = Field(default=0.01, gt=0, le=100)
-    init: Literal["real", "noise"] | None = None  # None: the method's default
+    batch_real: same(DistillConfig, "batch_real")
+    lr_net: same(DistillConfig, "lr_net")
+    init: bounded(DistillConfig, "init") | None = None  # None: the method's default
     # DSA strategy for methods that distil with augmentation: auto (no flip for digits), none, or a strategy
     augmentation: str = Field(default="auto", min_length=1, max_length=200)
     guidance: list[GuidanceSpec] = Field(default=[GuidanceSpec()], min_length=1, max_length=MAX_GRID)
     trajectories: str | None = None  # a ptm pool (recipe expert) whose per-epoch checkpoints are MTT's experts
     # per-method options, each value a grid axis: {mtt: {syn_steps: [20, 30]}} (checked by the method's model)
     options: dict[MethodName, dict[str, Any]] = Field(default_factory=dict)
-    log_every: int = Field(default=10, ge=1, le=10**7)
-    search: SearchSpec | None = None  # a Ray Tune search per distillation setting (orchestrator.spec_search)
+    log_every: same(DistillConfig, "log_every")
+    search: SearchSpec | None = None  # a Ray Tune search per distillation setting (orchestrator.spec.search)
 
 
 class EvaluationSpec(Strict):
     architectures: list[ArchSpec] = Field(default=[ArchSpec(name="convnet")], min_length=1, max_length=MAX_GRID)
-    repeats: int = Field(default=5, ge=1, le=1000)
-    epochs: int | None = Field(default=None, ge=1, le=100_000)  # None: each method's protocol (300 / 1000)
+    repeats: same(EvalConfig, "repeats")
+    epochs: bounded(EvalConfig, "epochs") | None = None  # None: each method's protocol (300 / 1000)
     # auto (each method's protocol), none, dsa, dc, or dsa:<strategy> / dc:<strategy>
     augmentation: str = Field(default="auto", min_length=1, max_length=200)
-    lr: float | None = Field(default=None, gt=0, le=100)  # None: 0.01, or MTT's learned lr
-    batch_size: int = Field(default=256, ge=1, le=100_000)
-    checkpoints: int = Field(default=10, ge=1, le=10_000)  # validation checks over training
+    lr: same(EvalConfig, "lr")  # None: 0.01, or MTT's learned lr
+    batch_size: same(EvalConfig, "batch_size")
+    checkpoints: same(EvalConfig, "checkpoints")  # validation checks over training
     # the reported checkpoint: last (the final epoch, as upstream) or val (best on the held-out split);
     # rows carry both (acc_last, acc_val_selected) whenever a held-out split exists
-    selection: Literal["last", "val"] = "last"
+    selection: same(EvalConfig, "selection")
     # a random real subset at each IPC, evaluated with each method's protocol: rows get acc_random and ior
     random_baseline: bool = True
 

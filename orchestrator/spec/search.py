@@ -24,8 +24,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from distill_core.methods import METHODS
-from orchestrator.spec.base import Strict
+from distill_core.config import Config
+from distill_core.evaluation import EvalConfig
+from distill_core.methods import METHODS, DistillConfig
+from orchestrator.spec.base import Strict, bounded, same
 
 # Distillation fields a search may vary (ipc and the method are study axes: they change what is produced).
 SHARED_FIELDS = ("iterations", "lr_img", "lr_net", "batch_real", "init")
@@ -87,21 +89,38 @@ class ProxySpec(Strict):
     validation split held out from training (never a test set)."""
 
     every: int | None = Field(default=None, ge=1, le=10_000_000)  # iterations between reports; None: 4 reports
-    epochs: int = Field(default=100, ge=1, le=100_000)
-    repeats: int = Field(default=1, ge=1, le=100)
+    epochs: bounded(EvalConfig, "epochs") = 100  # the proxy's own budget, an evaluation's field
+    repeats: bounded(EvalConfig, "repeats") = 1
     augmentation: Literal["none", "auto"] = "none"  # auto: the method's evaluation augmentation (slower)
+
+
+class SearchConfig(Config):
+    """A search stage's config: the setting searched around, the space, and how Tune searches it."""
+
+    distill: DistillConfig  # the setting searched around; sampled fields replace its values
+    space: dict[str, dict[str, Any]]  # field -> {distribution: value}, as in the spec (only fields that apply)
+    num_samples: int = Field(default=8, ge=1, le=10_000)  # trials (x the points of any grid)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(ge=1, le=10_000_000)  # ASHA: iterations before a trial may be stopped
+    reduction_factor: float = Field(default=3.0, gt=1, le=100)
+    algorithm: Literal[SEARCH_ALGORITHMS] = SEARCH_ALGORITHMS[0]
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # None: as many as fit; changes what adaptive searchers propose, so it is part of the key
+    max_concurrent: int | None = Field(default=None, ge=1, le=10_000)
+    every: int = Field(ge=1, le=10_000_000)  # iterations between proxy reports
+    proxy: EvalConfig
 
 
 class SearchSpec(Strict):
     space: dict[str, Domain] = Field(min_length=1, max_length=100)
-    num_samples: int = Field(default=8, ge=1, le=10_000)  # trials (x the points of any grid)
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    grace_period: int | None = Field(default=None, ge=1, le=10_000_000)  # ASHA, in iterations; None: proxy.every
-    reduction_factor: float = Field(default=3.0, gt=1, le=100)
-    algorithm: Literal[SEARCH_ALGORITHMS] = SEARCH_ALGORITHMS[0]
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    num_samples: same(SearchConfig, "num_samples")
+    scheduler: same(SearchConfig, "scheduler")
+    grace_period: bounded(SearchConfig, "grace_period") | None = None  # ASHA, in iterations; None: proxy.every
+    reduction_factor: same(SearchConfig, "reduction_factor")
+    algorithm: same(SearchConfig, "algorithm")
+    seed: same(SearchConfig, "seed")
     metric: Literal["val_acc"] = "val_acc"
-    max_concurrent: int | None = Field(default=None, ge=1, le=10_000)  # None: as many as fit
+    max_concurrent: same(SearchConfig, "max_concurrent")
     max_failures: int = Field(default=2, ge=0, le=100)  # a failing trial is retried, the others are kept
     proxy: ProxySpec = ProxySpec()
 

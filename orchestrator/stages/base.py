@@ -33,6 +33,7 @@ class StageKind:
     resources: str  # the `resources` field (StageResources) a stage's task holds
     holds: tuple[str, ...] = ()  # further `resources` fields its work holds while it runs (a search's trials)
     progress: Callable[["Store", str], dict | None] | None = None  # polled while running, for the live view
+    summary: Callable[[dict], dict] | None = None  # what a finished stage's result adds to the submit's summary
     needs_ray: bool = False  # drives Ray itself (Tune): an inline run starts a local Ray first
 
 

@@ -1,4 +1,6 @@
-"""stages/dataset: from orchestrator.stages."""
+"""The dataset kind: one biased dataset variant built from its source (bias builder, held-out split), its
+group counts and a preview grid.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""stages/distill: from orchestrator.stages."""
+"""The distillation kind: one method run on one dataset variant (with its PTM guidance or expert
+trajectories), the synthetic set and its history stored.
+"""
 
 from __future__ import annotations
 

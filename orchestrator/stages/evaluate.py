@@ -1,4 +1,6 @@
-"""stages/evaluate: from orchestrator.stages."""
+"""The evaluation kind: networks trained from scratch on one synthetic set and tested (test, aligned,
+conflicting, unbiased), summarised over repeats.
+"""
 
 from __future__ import annotations
 

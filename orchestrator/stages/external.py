@@ -1,4 +1,4 @@
-"""stages/external: from orchestrator.external."""
+"""The external kind: a synthetic set made elsewhere, imported by its content hash (`ddray evaluate`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from pydantic import Field
 
 from distill_core.config import Config
+from distill_core.methods import DistillConfig
 from distill_core.runtime import Runtime
 from distill_core.sets import external_set
+from orchestrator.spec.base import bounded
 from orchestrator.stages.base import Stage, StageKind, register
 from orchestrator.stages.common import (
     finish_stage,
@@ -29,7 +31,7 @@ class ExternalConfig(Config):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     name: str
     space: str = Field(pattern=r"^(pixels|normalized)$")
-    ipc: int = Field(ge=1)
+    ipc: bounded(DistillConfig, "ipc")
 
 
 def run_external(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:

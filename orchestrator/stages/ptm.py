@@ -1,4 +1,6 @@
-"""stages/ptm: from orchestrator.stages."""
+"""The PTM kind: one pre-trained model (architecture x seed) trained on a dataset variant, keeping the
+checkpoints its pool asks for (PTM guidance, or MTT's expert trajectories).
+"""
 
 from __future__ import annotations
 

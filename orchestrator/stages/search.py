@@ -35,7 +35,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from ray import tune
@@ -46,6 +45,7 @@ from distill_core.methods import RealData, SyntheticSet, get_method
 from distill_core.runtime import Runtime
 from distill_core.utils import set_threads
 from orchestrator.errors import first_line
+from orchestrator.spec.search import SearchConfig
 from orchestrator.stages.base import Stage, StageKind, register
 from orchestrator.stages.common import (
     build_guidance,
@@ -59,9 +59,7 @@ from orchestrator.stages.common import (
 from orchestrator.stages.figures import png, pyplot
 from orchestrator.stages.search_space import (
     METRIC,
-    SearchConfig,
     max_iterations,
-    progress_path,
     search_progress,
     trial_config,
     trial_count,
@@ -115,15 +113,6 @@ def run_trial(sampled: dict, stage: Stage, store_root: str, runtime: dict, cpus:
         guidance=build_guidance(store, stage, real, distill.guidance, distill.seed), experts=experts or None, progress=report)
 
 
-def storage_of(store: ArtifactStore | ObjectStore) -> tuple[str, Any]:
-    """Where Tune keeps experiment state: `searches/` under the store (a pyarrow view of an object store)."""
-    if isinstance(store, ObjectStore):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        return f"{store.base.rstrip('/')}/searches", PyFileSystem(FSSpecHandler(store.fs))
-    return str(store.root / "searches"), None
-
-
 def _search_algorithm(cfg: SearchConfig):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -155,9 +144,9 @@ def tuner_for(stage: Stage, store: ArtifactStore | ObjectStore, runtime: Runtime
         tune.with_parameters(run_trial, stage=stage, store_root=str(store.root),
                              runtime=runtime.model_dump(exclude={"device"}), cpus=trial["cpus"], gpus=trial["gpus"]),
         {"cpu": trial["cpus"], "gpu": trial["gpus"]})
-    root, fs = storage_of(store)
+    root, fs = store.searches()
     path = f"{root}/{stage.key}"
-    progress = progress_path(store.root, stage.key) if fs is None else None
+    progress = store.search_progress_file(stage.key)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log.info("resuming the search from %s", path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
@@ -289,6 +278,12 @@ def search_plot(trials: list[dict]) -> bytes:
     return png(fig, dpi=80)
 
 
+def search_summary(result: dict) -> dict:
+    """For the submit's summary: trials, how many ASHA stopped early, the best trial."""
+    s = result["search"]
+    return {"trials": s["trials"], "stopped_early": s["stopped_early"], "best": s["best"]}
+
+
 # the coordinator holds resources.search; each of its trials, a Tune actor, holds resources.trial
 register(StageKind("search", version=1, config=SearchConfig, run=run_search, resources="search", holds=("trial",),
-                   progress=search_progress, needs_ray=True))
+                   progress=search_progress, summary=search_summary, needs_ray=True))

@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from distill_core.config import Config
-from distill_core.evaluation import EvalConfig
 from distill_core.methods import DistillConfig
-from orchestrator.spec.search import SEARCH_ALGORITHMS
+from orchestrator.spec.search import SearchConfig
+from orchestrator.storage.base import Store
 
 METRIC = "val_acc"  # what trials report and the search maximises
-
-
-class SearchConfig(Config):
-    distill: DistillConfig  # the setting searched around; sampled fields replace its values
-    space: dict[str, dict[str, Any]]  # field -> {distribution: value}, as in the spec (only fields that apply)
-    num_samples: int = Field(ge=1)
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    grace_period: int = Field(ge=1)  # ASHA: iterations before a trial may be stopped
-    reduction_factor: float = Field(default=3.0, gt=1)
-    algorithm: Literal[SEARCH_ALGORITHMS] = SEARCH_ALGORITHMS[0]
-    seed: int = Field(default=0, ge=0)
-    max_concurrent: int | None = None  # changes what adaptive searchers propose, so it is part of the key
-    every: int = Field(ge=1)  # iterations between proxy reports
-    proxy: EvalConfig
 
 
 def tune_space(space: dict[str, dict[str, Any]]) -> dict:
@@ -66,18 +48,12 @@ def trial_count(cfg: SearchConfig) -> int:
     return cfg.num_samples * math.prod(len(v) for d in cfg.space.values() for k, v in d.items() if k == "grid")
 
 
-PROGRESS = "ddray-progress.json"  # beside Tune's experiment state: trials done, stopped, best so far
-
-
-def progress_path(store_root: Path, key: str) -> Path:
-    return Path(store_root) / "searches" / key / PROGRESS
-
-
-def search_progress(store, key: str) -> dict | None:
+def search_progress(store: Store, key: str) -> dict | None:
     """A running search's progress as its coordinator last wrote it (local stores; None elsewhere or before)."""
-    if not isinstance(store.root, Path):
+    path = store.search_progress_file(key)
+    if path is None:
         return None
     try:
-        return json.loads(progress_path(store.root, key).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None

@@ -1,4 +1,6 @@
-"""stages/worker: from orchestrator.stages."""
+"""A stage's entry point in a worker (a Ray task or actor, or inline): threads and device from the task's
+resources, an attempt recorded before computing, the stage's log beside it, then its kind's runner.
+"""
 
 from __future__ import annotations
 

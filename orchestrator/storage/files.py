@@ -1,4 +1,6 @@
-"""storage/files: from orchestrator.store."""
+"""Files of a store: checksums, tensors as bytes, atomic writes (temp + rename + fsync), the writer of a temp
+name, and the error a damaged stage raises.
+"""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ volume mounted at the same path on every Ray node):
     stages/<kind>/<key>/manifest.json   # written last: files, sha256, sizes, meta
     stages/<kind>/<key>/<files...>
     attempts/<key>/<attempt>.json       # one file per execution of a stage (host, pid, start)
-    leases/<key>.json                   # who computes a stage now (orchestrator.leases)
-    studies/<study_id>/...              # records, event logs, driver heartbeats (orchestrator.studies)
+    leases/<key>.json                   # who computes a stage now (orchestrator.storage.leases)
+    studies/<study_id>/...              # records, event logs, driver heartbeats (orchestrator.storage.studies)
     quarantine/<key>-<time>-<id>/       # damaged copies, kept for inspection, never read
 
 A stage directory is built under a temporary name that names its writer
@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from orchestrator.storage.base import StoreReads
+from orchestrator.storage.base import SEARCH_PROGRESS, StoreReads
 from orchestrator.storage.files import (
     HOST,
     MANIFEST,
@@ -183,6 +183,14 @@ class ArtifactStore(StoreReads):
 
     def studies_root(self) -> Path:
         return self.root / "studies"
+
+    def searches(self) -> tuple[str, None]:
+        """Where Tune keeps searches' experiment state (a path; Tune's own local filesystem)."""
+        return str(self.root / "searches"), None
+
+    def search_progress_file(self, key: str) -> Path:
+        """The search's progress for the live view, beside Tune's state (`searches/<key>/`)."""
+        return self.root / "searches" / key / SEARCH_PROGRESS
 
     def path(self, kind: str, key: str, name: str) -> Path:
         return self.stage_dir(kind, key) / name

@@ -1,7 +1,7 @@
 """The artifact store and leases on an object store (s3://, gs://, file://, memory:// ... through fsspec).
 
-`ObjectStore` is a drop-in alternative to `orchestrator.store.ArtifactStore` and `ObjectLeases` to
-`orchestrator.leases.Leases`; `open_store(root)` / `open_leases(store, owner)` pick one by the URL.
+`ObjectStore` is a drop-in alternative to `orchestrator.storage.local.ArtifactStore` and `ObjectLeases` to
+`orchestrator.storage.leases.Leases`; `open_store(root)` / `open_leases(store, owner)` pick one by the URL.
 The layout under the URL mirrors the POSIX store:
 
     stages/<kind>/<key>/manifest.json            # the stage's one publication marker, written last
@@ -449,6 +449,16 @@ class ObjectStore(StoreReads):
 
     def studies_root(self) -> Path:
         return self.cache / "studies"
+
+    def searches(self):
+        """Where Tune keeps searches' experiment state: `searches/` under the bucket, through pyarrow's fsspec view."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem  # pyarrow (Tune's storage layer) only where a search runs
+
+        return f"{self.base.rstrip('/')}/searches", PyFileSystem(FSSpecHandler(self.fs))
+
+    def search_progress_file(self, key: str) -> None:
+        """None: the live view's search progress is kept for local stores only (no object per second)."""
+        return None
 
     # --- writing -------------------------------------------------------------------------------
 

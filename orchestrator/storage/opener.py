@@ -1,4 +1,6 @@
-"""storage/opener: from orchestrator.object_store."""
+"""`open_store(root)` and `open_leases(store, owner)`: the local backend for a path, the object backend for
+a URL (s3://, gs://, ... or file:// with DDRAY_OBJECT_STORE=1).
+"""
 
 from __future__ import annotations
 

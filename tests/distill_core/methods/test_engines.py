@@ -9,9 +9,18 @@ import torch.nn as nn
 from distill_core.augment import SiameseAugment
 from distill_core.methods import engines
 from distill_core.methods.dc import freeze_batchnorm
-from distill_core.methods.engines import (DEFAULT_TILE, GradientMatcher, RealEmbedder, embed_no_grad,
-                                          looped_class_gradients, matched_parameters, matching_loss,
-                                          sample_real_batch, synthetic_batch, tiled_class_gradients)
+from distill_core.methods.engines import (
+    DEFAULT_TILE,
+    GradientMatcher,
+    RealEmbedder,
+    embed_no_grad,
+    looped_class_gradients,
+    matched_parameters,
+    matching_loss,
+    sample_real_batch,
+    synthetic_batch,
+    tiled_class_gradients,
+)
 from distill_core.networks import build_network
 from tests.distill_core.methods.helpers import WIDTH
 

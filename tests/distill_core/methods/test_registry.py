@@ -10,9 +10,18 @@ from pydantic import Field, ValidationError
 
 from distill_core.augment import DSA_STRATEGY, DSA_STRATEGY_NO_FLIP, DCAugment, SiameseAugment, make_augmentation
 from distill_core.data.sources import SOURCES
-from distill_core.methods import (METHODS, DistillConfig, EvalProtocol, Method, Options, UnknownMethod, get_method,
-                                  options_of, register, unregister)
-from distill_core.methods import dc
+from distill_core.methods import (
+    METHODS,
+    DistillConfig,
+    EvalProtocol,
+    Method,
+    Options,
+    UnknownMethod,
+    dc,
+    get_method,
+    register,
+    unregister,
+)
 from distill_core.methods.base import init_synthetic, log_iteration
 from distill_core.methods.registry import dsa_protocol, dsa_strategy
 from distill_core.runtime import DEFAULT_RUNTIME
@@ -35,7 +44,7 @@ class NudgeOptions(Options):
 
 def distill_nudge(real, cfg, runtime=DEFAULT_RUNTIME, guidance=None, experts=None, progress=None) -> SyntheticSet:
     """Every iteration moves each synthetic image `step` of the way to its class's mean real image."""
-    opts = options_of(cfg)
+    opts = cfg.options  # NudgeOptions, built with the config
     syn = init_synthetic(real, cfg, torch.Generator().manual_seed(cfg.seed))
     means = torch.stack([real.images[idx].mean(0) for idx in real.class_index])
     for it in range(cfg.iterations):
@@ -61,11 +70,14 @@ def nudge():
 def test_a_registered_method_is_found_validated_and_run(real, nudge):
     assert get_method("test_nudge") is nudge and METHODS["test_nudge"] is nudge
     cfg = config("test_nudge", ipc=2, iterations=nudge.iterations, init=nudge.init, options={"step": 0.25})
-    assert options_of(cfg) == NudgeOptions(step=0.25)
-    assert options_of(config("test_nudge")) == NudgeOptions(step=0.5)  # defaults
+    assert cfg.options == NudgeOptions(step=0.25) and type(cfg.options) is NudgeOptions
+    assert config("test_nudge").options == NudgeOptions(step=0.5)  # defaults
     for bad in ({"step": 2.0}, {"step": 0.0}, {"stride": 0.5}):  # bounds, and unknown options
         with pytest.raises(ValidationError):
-            options_of(config("test_nudge", options=bad))
+            config("test_nudge", options=bad)
+    # stored as the options that were set, and rebuilt typed from that dict (a stage's config round trip)
+    assert cfg.to_dict()["options"] == {"step": 0.25} and config("test_nudge").to_dict()["options"] == {}
+    assert DistillConfig(**cfg.to_dict()) == cfg
     syn = get_method("test_nudge").distill(real, cfg)
     init = init_synthetic(real, cfg, torch.Generator().manual_seed(cfg.seed))
     means = torch.stack([real.images[idx].mean(0) for idx in real.class_index])[init.labels]
@@ -134,7 +146,7 @@ def test_built_in_records_have_a_summary_and_sane_defaults(name):
     if m.optimises_images:
         assert m.iterations >= 1 and m.lr_img > 0
         cfg = DistillConfig(method=name, ipc=10, iterations=m.iterations, lr_img=m.lr_img, init=m.init)
-        assert options_of(cfg) == opts
+        assert cfg.options == opts and type(cfg.options) is m.options
     else:
         assert m.iterations == 0 and m.lr_img == 0.0
     assert m.needs_experts == (name == "mtt")

@@ -13,12 +13,12 @@ from distill_core.methods import Method, Options, register, unregister
 from distill_core.methods.registry import dsa_protocol
 from distill_core.sets import SyntheticSet
 from orchestrator.execution.executors import InlineExecutor
-from orchestrator.plan.graph import build_stage_graph
-from orchestrator.storage.leases import Leases, Owner
-from orchestrator.execution.submit import submit_study
 from orchestrator.execution.scheduler import Scheduler
+from orchestrator.execution.submit import submit_study
+from orchestrator.plan.graph import build_stage_graph
 from orchestrator.spec.loading import parse_spec
 from orchestrator.stages.worker import execute_stage
+from orchestrator.storage.leases import Leases, Owner
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.studies import StudyLog, load_record
 
@@ -112,7 +112,7 @@ class ShiftOptions(Options):
 
 def distill_shifted(real, cfg, runtime=None, guidance=None, experts=None, progress=None) -> SyntheticSet:
     """The first IPC images of each class, shifted by `shift` (a method is one function and a record)."""
-    opts = ShiftOptions(**cfg.options)
+    opts: ShiftOptions = cfg.options
     index = torch.cat([idx[:cfg.ipc] for idx in real.class_index])
     syn = SyntheticSet(real.images[index] + opts.shift, real.labels[index], real.norm)
     for it in range(cfg.iterations):

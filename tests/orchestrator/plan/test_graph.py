@@ -6,8 +6,8 @@ import pytest
 from distill_core.methods import METHODS
 from orchestrator.plan.graph import build_stage_graph
 from orchestrator.stages import KINDS
-from tests.orchestrator.spec.test_models import spec_of
 from tests.orchestrator.spec.test_checks import with_expert_pool
+from tests.orchestrator.spec.test_models import spec_of
 
 
 def graph_of(mutate=lambda d: None):

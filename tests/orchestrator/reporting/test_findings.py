@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from orchestrator.spec.claims import ClaimSpec, unmatched_filters
 from orchestrator.reporting.findings import Evaluation, evaluate_claim, evaluate_findings, verdict
+from orchestrator.spec.claims import ClaimSpec, unmatched_filters
 
 BASE = {"dataset": "fmnist", "aligned_ratio": None, "method": "dm", "ipc": 10, "eval_arch": "convnet",
         "guidance": "none"}

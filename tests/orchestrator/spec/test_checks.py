@@ -2,6 +2,8 @@
 
 import pytest
 
+from distill_core.guidance import missing_alpha
+from orchestrator.plan.graph import build_stage_graph
 from orchestrator.spec.checks import option_grid, option_points
 from tests.orchestrator.spec.test_models import errors_of, spec_of
 
@@ -35,9 +37,9 @@ def test_option_grids_expand_to_points():
                               d["distillation"].update(options={"mtt": {"syn_steps": [5, 10], "gradient": "tesla"}})))
     assert spec.distillation.options["mtt"] == {"syn_steps": [5, 10], "gradient": ["tesla"]}
     assert option_grid("mtt", spec.distillation.options["mtt"]) == {"syn_steps": [5, 10], "gradient": ["tesla"]}
-    assert option_points("mtt", {"syn_steps": [5, 10], "gradient": "tesla"}) == [
+    assert list(option_points(option_grid("mtt", {"syn_steps": [5, 10], "gradient": "tesla"}))) == [
         {"syn_steps": 5, "gradient": "tesla"}, {"syn_steps": 10, "gradient": "tesla"}]
-    assert option_points("dm", {}) == [{}]
+    assert list(option_points({})) == [{}]  # no options: one point, the defaults
 
 
 @pytest.mark.parametrize("archs, expected", [
@@ -89,8 +91,18 @@ def test_references_resolve(mutate, expected):
 
 
 def test_alpha_default_covers_the_pool():
-    spec_of(lambda d: (d["ptm_pools"][0].update(architectures=["convnet", "mlp"]),
-                       d["distillation"]["guidance"][1].update(alpha={"convnet": 1.0, "default": 0.5})))
+    def two_archs(d, alpha):
+        d["ptm_pools"][0].update(architectures=["convnet", "mlp"])
+        d["distillation"]["guidance"][1].update(alpha=alpha)
+
+    spec = spec_of(lambda d: two_archs(d, {"convnet": 1.0, "default": 0.5}))  # valid: no error raised
+    assert spec.distillation.guidance[1].alpha == {"convnet": 1.0, "default": 0.5}
+    assert missing_alpha(spec.distillation.guidance[1].alpha, ["convnet", "mlp"]) == []
+    guided = [s for s in build_stage_graph(spec).of_kind("distill") if s.config["guidance"] is not None]
+    assert guided and all(s.config["guidance"]["alpha"] == {"convnet": 1.0, "default": 0.5} for s in guided)
+    # without the default, mlp has no weight: refused (the default is what covers it)
+    assert "distillation.guidance[1].alpha: no weight for pool architecture(s) mlp (give each one, or a 'default')" \
+        in errors_of(lambda d: two_archs(d, {"convnet": 1.0}))
 
 
 def test_guidance_pool_must_see_the_targets_image_shape():
@@ -176,8 +188,8 @@ def test_an_imagefolder_source_declares_its_folder_size_and_classes():
 
 def test_submit_checks_an_imagefolders_declared_classes_when_it_reads_the_folder(tmp_path):
     from orchestrator.errors import UserError
-    from orchestrator.plan.graph import build_stage_graph
     from orchestrator.execution.submit import check_data
+    from orchestrator.plan.graph import build_stage_graph
     from tests.distill_core.data.test_sources import _image_folder
 
     root = _image_folder(tmp_path / "tiny")  # 3 class folders

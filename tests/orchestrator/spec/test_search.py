@@ -3,8 +3,8 @@
 import pytest
 
 from orchestrator.spec.search import Domain
-from tests.orchestrator.spec.test_models import errors_of, spec_of
 from tests.orchestrator.spec.test_checks import with_expert_pool
+from tests.orchestrator.spec.test_models import errors_of, spec_of
 
 
 def searching(space, **more):

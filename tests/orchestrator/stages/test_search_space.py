@@ -4,7 +4,8 @@ import numpy as np
 
 from distill_core.methods import DistillConfig
 from orchestrator.plan.graph import build_stage_graph
-from orchestrator.stages.search_space import SearchConfig, trial_config, tune_space
+from orchestrator.spec.search import SearchConfig
+from orchestrator.stages.search_space import trial_config, tune_space
 from tests.orchestrator.spec.test_models import spec_of
 
 
@@ -63,7 +64,7 @@ def test_sampled_values_replace_fields_options_and_guidance():
                          guidance={"kind": "clom", "alpha": 1.0})
     got = trial_config(base, {"lr_img": np.float64(3.5), "iterations": np.int64(7), "options.mtt.syn_steps": 5,
                               "guidance.alpha": 0.01})
-    assert (got.lr_img, got.iterations, got.options["syn_steps"], got.guidance.alpha) == (3.5, 7, 5, 0.01)
+    assert (got.lr_img, got.iterations, got.options.syn_steps, got.guidance.alpha) == (3.5, 7, 5, 0.01)
     assert type(got.iterations) is int and base.lr_img == 100.0  # the base is not changed
 
 

@@ -4,8 +4,8 @@ import json
 import os
 import threading
 
-from orchestrator.storage.leases import Leases, Owner
 from orchestrator.storage.files import HOST
+from orchestrator.storage.leases import Leases, Owner
 
 
 def test_one_holder_at_a_time_and_release(tmp_path):

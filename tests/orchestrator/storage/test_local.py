@@ -1,8 +1,8 @@
-import torch
 import pytest
+import torch
 
-from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.files import CorruptArtifact, tensors_to_bytes
+from orchestrator.storage.local import ArtifactStore
 
 
 def test_write_and_read_back(tmp_path):

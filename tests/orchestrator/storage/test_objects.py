@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from orchestrator.storage import objects as objmod
+from orchestrator.storage.files import HOST, CorruptArtifact, tensors_to_bytes
 from orchestrator.storage.leases import Leases, Owner
+from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.objects import ObjectLeases, ObjectStore, default_cache_dir
 from orchestrator.storage.opener import open_leases, open_store
-from orchestrator.storage.files import HOST, CorruptArtifact, tensors_to_bytes
-from orchestrator.storage.local import ArtifactStore
 from tests.orchestrator.storage.test_leases import race
 from tests.servers import moto_s3
 

@@ -6,11 +6,11 @@ import math
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.stages.evaluate import summarise
-from orchestrator.storage.local import ArtifactStore
-from orchestrator.storage.leases import Owner
-from orchestrator.storage.studies import StudyLog, list_studies, load_record, request_cancel
 from orchestrator.reporting.results import study_findings, study_results
+from orchestrator.stages.evaluate import summarise
+from orchestrator.storage.leases import Owner
+from orchestrator.storage.local import ArtifactStore
+from orchestrator.storage.studies import StudyLog, list_studies, load_record, request_cancel
 
 
 def stored_evaluation(store, key, seed, accs, method="dm"):
