@@ -7,6 +7,8 @@ built here is a cache hit inside any study that needs it, and vice versa.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from distill_core.data import DatasetUnavailable
 from distill_core.data.sources import downloads_allowed, stored_locally
 from orchestrator.errors import UserError, suggest
@@ -19,7 +21,6 @@ from orchestrator.storage.local import ArtifactStore
 
 def dataset_spec_from_flags(source: str, bias: str, aligned_ratio: float, severity: int,
                              max_per_class: int | None, data_root: str | None) -> DatasetSpec:
-    from pydantic import ValidationError
 
 
     flags = {"aligned_ratios": "--aligned-ratio", "severities": "--severity", "source": "--source",

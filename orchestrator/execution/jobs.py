@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
+from urllib.error import HTTPError
 
 from orchestrator.errors import UserError, first_line
 from orchestrator.execution.ray_session import check_reachable
@@ -66,9 +69,13 @@ class Cluster:
     """A Ray head's Jobs API, checked before use: reachable, the token accepted, the same Ray version."""
 
     def __init__(self, address: str):
-        import ray
-        from ray.exceptions import AuthenticationError
-        from ray.job_submission import JobSubmissionClient
+        import ray  # Ray: imported where it is used (planning and `validate` start without it)
+        from ray.exceptions import (
+            AuthenticationError,  # Ray: imported where it is used (planning and `validate` start without it)
+        )
+        from ray.job_submission import (
+            JobSubmissionClient,  # Ray: imported where it is used (planning and `validate` start without it)
+        )
 
 
         self.address = address.rstrip("/")
@@ -90,10 +97,10 @@ class Cluster:
                             f"{ray.__version__} (the versions must match)")
 
     def _get(self, path: str) -> dict:
-        import urllib.request
-        from urllib.error import HTTPError
 
-        from ray.exceptions import AuthenticationError
+        from ray.exceptions import (
+            AuthenticationError,  # Ray: imported where it is used (planning and `validate` start without it)
+        )
 
         request = urllib.request.Request(self.address + path, headers=self.headers)
         try:
@@ -207,7 +214,6 @@ class Cluster:
 
 
 def _quote(arg: str) -> str:
-    import shlex
 
     return shlex.quote(arg)
 

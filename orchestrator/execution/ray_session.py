@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from orchestrator.errors import UserError, first_line
 
@@ -29,7 +30,7 @@ def available_cpus() -> int:
 
 
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
+    import ray  # Ray: imported where it is used (planning and `validate` start without it)
 
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -49,7 +50,6 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on a dead address: ray.init would otherwise retry for minutes."""
-    import socket
 
     target = address.split("://", 1)[-1]
     if address == "auto" or ":" not in target:

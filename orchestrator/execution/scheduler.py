@@ -228,9 +228,12 @@ class Scheduler:
                     self._start(heapq.heappop(self.ready)[2])
                 if not self.executor.running() and not self.blocked:
                     break
-                finished = self.executor.next_done(timeout=0.2)
-                if finished is not None:
-                    self._finished(*finished)
+                if self.executor.running():
+                    finished = self.executor.next_done(timeout=0.2)
+                    if finished is not None:
+                        self._finished(*finished)
+                else:  # only stages leased by another driver: wait for the next poll (not spin on next_done)
+                    time.sleep(max(0.0, min(0.2, POLL_S - (time.time() - last_poll))))
                 if STOP.received:
                     raise Terminated() if STOP.received == "SIGTERM" else KeyboardInterrupt()
                 if time.time() - last_poll >= POLL_S:

@@ -89,7 +89,7 @@ def kind_summaries(store, graph: StageGraph, states: dict[str, str]) -> dict[str
 
 def check_resources(spec: StudySpec, graph: StageGraph) -> None:
     """Every stage kind's request fits on one alive node (cluster totals would let it wait forever)."""
-    import ray
+    import ray  # Ray: imported where it is used (planning and `validate` start without it)
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU", "memory")}

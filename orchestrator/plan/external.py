@@ -16,24 +16,39 @@ from pathlib import Path
 from distill_core.methods import METHODS
 from orchestrator.errors import UserError, first_line, suggest
 from orchestrator.plan.graph import StageGraph, dataset_stage, evaluation_stages, random_baseline_stages
-from orchestrator.spec.models import GuidanceSpec
+from orchestrator.spec.checks import geometry, num_classes
+from orchestrator.spec.models import DatasetSpec, GuidanceSpec
 from orchestrator.stages.base import Stage
 from orchestrator.stages.external import ExternalConfig
 from orchestrator.storage.files import sha256_file
 
 
-def ipc_of(path: Path) -> int:
-    """Images per class of the file's set (the largest class count)."""
-    import torch
+def ipc_of(path: Path, ds: DatasetSpec | None = None) -> int:
+    """Images per class of the file's set (the largest class count); with the target dataset, the set is
+    checked against it here, before anything is built: labels in its classes, images of its shape."""
+    import torch  # torch: only where a file is read
 
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
         labels = torch.as_tensor(tensors["labels"]).long().flatten()
+        images = torch.as_tensor(tensors["images"]) if "images" in tensors else None
     except Exception as exc:
         raise UserError(f"--synthetic: cannot read '{path}' as a torch file of tensors with labels "
                         f"({type(exc).__name__}: {first_line(exc, 120)})") from None
     if not len(labels):
         raise UserError(f"--synthetic: '{path}' holds no labels")
+    if int(labels.min()) < 0:
+        raise UserError(f"--synthetic: '{path}' has negative labels (classes are 0..K-1)")
+    if ds is not None:
+        classes, (channels, size) = num_classes(ds), geometry(ds)
+        if int(labels.max()) >= classes:
+            raise UserError(f"--synthetic: '{path}' has label {int(labels.max())}, but dataset '{ds.name}' has "
+                            f"{classes} classes (0..{classes - 1})")
+        want = (len(labels), channels, size, size)
+        if images is None or tuple(images.shape) != want:
+            shape = "no images" if images is None else "images of shape " + "x".join(map(str, images.shape))
+            raise UserError(f"--synthetic: '{path}' has {shape}; dataset '{ds.name}' needs "
+                            f"{'x'.join(map(str, want))} (one image per label)")
     return int(torch.bincount(labels).max())
 
 
@@ -52,8 +67,8 @@ def external_study(spec, synthetic: Path, dataset: str | None, protocol: str | N
     if method not in METHODS:
         raise UserError(f"--protocol: unknown method '{method}'{suggest(method, METHODS)}")
     sha = sha256_file(synthetic)
-    ipc = ipc_of(synthetic)
     ds = next(d for d in spec.datasets if d.name == name)
+    ipc = ipc_of(synthetic, ds)
     label = synthetic.stem[:40]
     study = spec.model_copy(update={
         "name": f"{spec.name}-ext-{sha[:8]}", "datasets": [ds], "ptm_pools": [],

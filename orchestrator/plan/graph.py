@@ -77,7 +77,7 @@ class StageGraph:
 
 
 def dataset_stage(ds: DatasetSpec, ratio: float, severity: int, holdout: float) -> Stage:
-    config = DatasetConfig(**shared(ds, DatasetConfig), source=ds.source, aligned_ratio=ratio, severity=severity,
+    config = DatasetConfig(**shared(ds, DatasetConfig), aligned_ratio=ratio, severity=severity,
                            val_fraction=holdout)
     coords = {"dataset": ds.name, "source": ds.source, "aligned_ratio": ratio if ds.bias != "none" else None,
               "severity": severity if ds.bias != "none" else None,

@@ -63,9 +63,6 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=
 MethodName = Annotated[str, _known("method", METHODS)]
 
 
-SourceName = Annotated[str, _known("source", SOURCES)]
-
-
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
@@ -105,7 +102,7 @@ class StoreSpec(Strict):
 
 class DatasetSpec(Strict):
     name: Name
-    source: SourceName
+    source: Annotated[same(DatasetConfig, "source"), _known("source", SOURCES)]
     bias: same(DatasetConfig, "bias")
     aligned_ratios: Grid(bounded(DatasetConfig, "aligned_ratio")) = [0.95]
     severities: Grid(Literal[tuple(SEVERITY_SIGMA)]) = [1]

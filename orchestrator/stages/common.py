@@ -33,7 +33,7 @@ log = logging.getLogger("ddray.stage")
 
 
 def png_bytes(grid: torch.Tensor) -> bytes:
-    from PIL import Image
+    from PIL import Image  # PIL: only where a PNG is written
 
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     if arr.shape[2] == 1:
@@ -116,7 +116,7 @@ def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: Guidan
 
 
 def synthetic_grid(syn: SyntheticSet, ipc: int) -> torch.Tensor:
-    from torchvision.utils import make_grid
+    from torchvision.utils import make_grid  # torchvision: only where a grid is drawn
 
     images = syn.norm.invert(syn.images.detach().cpu())
     return make_grid(images, nrow=max(1, min(ipc, 20)) if ipc > 1 else 10, padding=1)
@@ -129,6 +129,6 @@ def load_synthetic(store: ArtifactStore, key: str, ds: BiasedDataset) -> Synthet
     return SyntheticSet.from_tensors(store.read_tensors(kind, key, "synthetic.pt"), meta, ds.normalization)
 
 
-def _fmt(record: dict) -> str:
+def format_record(record: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                     if k not in ("iteration", "epoch"))

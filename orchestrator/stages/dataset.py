@@ -9,7 +9,8 @@ import time
 import torch
 
 from distill_core.data import BiasedDataset, load_source
-from distill_core.data.biased import DatasetConfig
+from distill_core.data.bias import aligned_mask
+from distill_core.data.biased import NUM_ATTRIBUTES, DatasetConfig
 from distill_core.runtime import Runtime
 from orchestrator.stages.base import Stage, StageKind, register
 from orchestrator.stages.common import finish_stage, json_bytes, png_bytes
@@ -19,10 +20,8 @@ from orchestrator.storage.local import ArtifactStore
 
 def dataset_grid(ds: BiasedDataset, per_group: int = 8) -> torch.Tensor:
     """One row per class: aligned samples first, then conflicting ones."""
-    from torchvision.utils import make_grid
+    from torchvision.utils import make_grid  # torchvision: only where a grid is drawn
 
-    from distill_core.data.bias import aligned_mask
-    from distill_core.data.biased import NUM_ATTRIBUTES
 
     tiles = []
     blank = torch.zeros_like(ds.train_images[0])

@@ -15,9 +15,9 @@ from distill_core.methods import DistillConfig, RealData, get_method
 from distill_core.runtime import Runtime
 from orchestrator.stages.base import Stage, StageKind, register
 from orchestrator.stages.common import (
-    _fmt,
     build_guidance,
     finish_stage,
+    format_record,
     json_bytes,
     load_checkpoints,
     load_dataset,
@@ -36,7 +36,7 @@ def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
     syn = get_method(cfg.method).distill(
         real, cfg, runtime, guidance=build_guidance(store, stage, real, cfg.guidance, cfg.seed), experts=experts or None,
-        progress=lambda it, r, _: log.info("iteration %d/%d %s", it + 1, cfg.iterations, _fmt(r)))
+        progress=lambda it, r, _: log.info("iteration %d/%d %s", it + 1, cfg.iterations, format_record(r)))
     history = syn.history
     metrics = {"n_images": len(syn.labels)}
     if history:

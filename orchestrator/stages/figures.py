@@ -7,10 +7,10 @@ import io
 
 def pyplot():
     """`matplotlib.pyplot` on the Agg backend (drivers and workers have no display)."""
-    import matplotlib
+    import matplotlib  # matplotlib: slow to import, only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: slow to import, only where a figure is drawn
 
     return plt
 

@@ -15,7 +15,7 @@ from distill_core.networks import build_network
 from distill_core.ptm import PTMConfig, accuracy, train_ptm
 from distill_core.runtime import Runtime
 from orchestrator.stages.base import Stage, StageKind, register
-from orchestrator.stages.common import _fmt, finish_stage, json_bytes, load_dataset
+from orchestrator.stages.common import finish_stage, format_record, json_bytes, load_dataset
 from orchestrator.storage.files import tensors_to_bytes
 from orchestrator.storage.local import ArtifactStore
 
@@ -28,7 +28,7 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     val_x, val_y = ds.val_split()
     val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device)) if len(val_y) else None
     result = train_ptm(real, cfg, val=val, runtime=runtime,
-                       progress=lambda epoch, r: log.info("epoch %d/%d %s", epoch, cfg.epochs, _fmt(r)))
+                       progress=lambda epoch, r: log.info("epoch %d/%d %s", epoch, cfg.epochs, format_record(r)))
     flat = {f"{epoch}/{name}": t for epoch, sd in result.checkpoints.items() for name, t in sd.items()}
     last = result.history[-1]
     files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": json_bytes(result.history)}

@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-from ray import tune
-from ray.tune import Callback
 
 from distill_core.evaluation import proxy_accuracy
 from distill_core.methods import RealData, SyntheticSet, get_method
@@ -80,6 +78,8 @@ def run_trial(sampled: dict, stage: Stage, store_root: str, runtime: dict, cpus:
     rt = Runtime(**{**runtime, "device": device})
     store = open_store(store_root)
     cfg = SearchConfig(**stage.config)
+    from ray import tune  # Tune: imported where a search runs, so planning a study never imports Ray
+
     trial_id = tune.get_context().get_trial_id()
     store.record_attempt(f"{stage.key}~{trial_id}")  # one file per trial execution: reruns are counted
     distill = trial_config(cfg.distill, sampled)
@@ -114,12 +114,14 @@ def run_trial(sampled: dict, stage: Stage, store_root: str, runtime: dict, cpus:
 
 
 def _search_algorithm(cfg: SearchConfig):
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter  # Tune: where a search runs
 
     if cfg.algorithm != "optuna":
         return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent or 0)
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+    import optuna  # only for algorithm: optuna
+    from ray.tune.search.optuna import (
+        OptunaSearch,  # Ray: imported where it is used (planning and `validate` start without it)
+    )
 
     # TPE after a few random trials (Optuna's default of 10 would make short searches purely random)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(2, cfg.num_samples // 4)))
@@ -128,7 +130,7 @@ def _search_algorithm(cfg: SearchConfig):
 
 
 def _scheduler(cfg: SearchConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # Tune: where a search runs
 
     if cfg.scheduler == "fifo":
         return FIFOScheduler()
@@ -138,6 +140,8 @@ def _scheduler(cfg: SearchConfig):
 
 def tuner_for(stage: Stage, store: ArtifactStore | ObjectStore, runtime: Runtime):
     """A new Tuner for the stage's search, or the one restored from its saved experiment state."""
+    from ray import tune  # Tune: imported where a search runs, so planning a study never imports Ray
+
     cfg = SearchConfig(**stage.config)
     trial = stage.runtime.get("trial", {"cpus": 1.0, "gpus": 0.0})
     trainable = tune.with_resources(
@@ -158,10 +162,20 @@ def tuner_for(stage: Stage, store: ArtifactStore | ObjectStore, runtime: Runtime
                                     max_concurrent_trials=cfg.max_concurrent),
         run_config=tune.RunConfig(name=stage.key, storage_path=root, storage_filesystem=fs, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=stage.runtime.get("max_failures", 2)),
-                                  callbacks=[TrialLog(progress, cfg)]))
+                                  callbacks=[trial_log(progress, cfg)]))
 
 
-class TrialLog(Callback):
+def trial_log(progress: Path | None, cfg: SearchConfig):
+    """`TrialLog` as the Tune callback it is (Tune takes `Callback` instances; Ray is imported here only)."""
+    from ray.tune import Callback  # Tune: imported where a search runs
+
+    class TuneTrialLog(TrialLog, Callback):
+        pass
+
+    return TuneTrialLog(progress, cfg)
+
+
+class TrialLog:
     """One line per trial report and end in the stage's log (`ddray study logs ID STAGE`), and the
     search's progress for the live view (`ddray-progress.json`, local stores)."""
 

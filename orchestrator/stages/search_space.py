@@ -15,7 +15,7 @@ METRIC = "val_acc"  # what trials report and the search maximises
 
 def tune_space(space: dict[str, dict[str, Any]]) -> dict:
     """The spec's distributions as Tune's (randint's bounds are inclusive in the spec, Tune's high is not)."""
-    from ray import tune
+    from ray import tune  # Ray: imported where it is used (planning and `validate` start without it)
 
     build = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
              "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(v[0], v[1] + 1)}

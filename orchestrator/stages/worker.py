@@ -25,7 +25,7 @@ log = logging.getLogger("ddray.stage")
 def _ray_node() -> str | None:
     if "ray" not in sys.modules:
         return None
-    import ray
+    import ray  # Ray: imported where it is used (planning and `validate` start without it)
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 

@@ -63,6 +63,7 @@ The bucket must exist.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import fcntl
@@ -165,7 +166,7 @@ class _Objects:
     def __init__(self, fs):
         self.fs = fs
         protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        from fsspec.implementations.local import LocalFileSystem
+        from fsspec.implementations.local import LocalFileSystem  # fsspec's local filesystem: only for file:// URLs
 
         self.kind = "s3" if {"s3", "s3a"} & set(protocols) else \
             "local" if isinstance(fs, LocalFileSystem) else "generic"
@@ -221,7 +222,6 @@ class _Objects:
         """The objects among `paths` that exist, keyed as given (concurrent GETs on S3)."""
         if self.kind == "s3" and paths:
             async def gather():
-                import asyncio
 
                 got = await asyncio.gather(*(self._s3_get(p) for p in paths), return_exceptions=True)
                 for g in got:

@@ -26,6 +26,7 @@ the run uses MLflow's normal retries.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -120,7 +121,6 @@ def sqlite_creation_lock(uri: str):
     if db is None:
         yield
         return
-    import fcntl
 
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".ddray-lock"), "w") as lock:
@@ -133,7 +133,7 @@ def sqlite_creation_lock(uri: str):
 
 class Tracker:
     def __init__(self, uri: str, experiment: str):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # MLflow: slow to import, only where a run is logged
 
         check_uri(uri)
         self.uri = uri
@@ -228,7 +228,7 @@ class Tracker:
 
     def log_stage(self, parent_run_id: str, study_id: str, result: dict, store, cached: bool, driver: str) -> str:
         """One child run: created, one batch of params/metrics/tags, the stage's artifacts, terminated."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # MLflow: slow to import, only where a run is logged
 
         coords = {f"ddray.{k}": str(v) for k, v in result.get("coords", {}).items() if v is not None}
         tags = {PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": result["key"],
@@ -272,7 +272,7 @@ class Tracker:
     def log_findings(self, run_id: str, findings: list[dict]) -> None:
         """Each claim on the study's parent run: `finding/<id>/effect|ci_lo|ci_hi|n` metrics (accuracy points)
         and a `finding.<id>` tag holding its verdict."""
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # MLflow: slow to import, only where a run is logged
 
 
         now = int(time.time() * 1000)
@@ -287,7 +287,7 @@ class Tracker:
 
     def log_trial(self, stage_run_id: str, study_id: str, key: str, trial: dict) -> None:
         """One nested run per trial: the sampled values as params, the proxy curve as a metric series."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # MLflow: slow to import, only where a run is logged
 
         tags = {PARENT_TAG: stage_run_id, "ddray.study_id": study_id, "ddray.trial_of": key,
                 "ddray.trial_id": trial["trial_id"], "ddray.stopped_early": str(trial["stopped_early"]).lower()}
@@ -316,7 +316,7 @@ class Tracker:
         self.client.set_terminated(run_id, "KILLED")
 
     def finish_parent(self, run_id: str, state: str, counts: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # MLflow: slow to import, only where a run is logged
 
         self.client.log_batch(run_id, metrics=[Metric(f"stages_{k}", float(v), 0, 0) for k, v in counts.items()])
         self.client.set_tag(run_id, "ddray.state", state)
@@ -328,7 +328,7 @@ def curves(store, result: dict) -> list:
     """A stage's curves as MLflow metric series: a distillation's (or a search's best trial's) objective
     by iteration, a PTM's training by epoch, an evaluation's validation accuracy (mean over networks) by
     checked epoch."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # MLflow: slow to import, only where a run is logged
 
     kind, key, now = result["kind"], result["key"], int(time.time() * 1000)
     out = []
@@ -353,7 +353,7 @@ def curves(store, result: dict) -> list:
 def input_datasets(store, result: dict) -> list:
     """The stage's stored inputs (dataset variant, synthetic set) as MLflow dataset inputs: lineage in the UI,
     each named by its stage label and identified by the sha256 of its stored tensors."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag  # MLflow: slow to import, only where a run is logged
 
 
     out = []

@@ -111,7 +111,11 @@ def test_version_and_what_a_spec_can_name():
     archs = json.loads(ddray("list", "architectures", "--json").stdout)
     assert "width" in next(a for a in archs if a["name"] == "convnet")["options"]
     bad = ddray("list", "archs")
-    assert bad.returncode == 2 and "did you mean" in bad.stderr or "known:" in bad.stderr
+    assert bad.returncode == 2, bad.stderr
+    # one line naming the unknown kind and what it could be: a suggestion, or (none close) the known kinds
+    assert "list: unknown kind 'archs' (" in bad.stderr and "architectures" in bad.stderr, bad.stderr
+    assert "did you mean" in bad.stderr or "known: " in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_dataset_build_bad_flag_exits_2(tmp_path):

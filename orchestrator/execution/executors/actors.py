@@ -1,147 +1,15 @@
-"""Where stages run, behind one interface (as hydra keeps its launchers).
-
-An executor takes a stage with its resources and hands back finished stages
-one at a time: `submit` starts (or queues) a stage, `next_done` waits up to
-`timeout` seconds for one to finish and returns (key, result) or (key,
-exception), `cancel` stops whatever is running. The scheduler in
-`orchestrator.execution.submit` never touches Ray itself, so it is unit-tested with
-`InlineExecutor`, which runs each stage in this process when asked for the
-next finished one.
-"""
+"""Warm Ray actors per stage kind and resource shape, routed by the dataset they already hold."""
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Protocol
 
-from orchestrator.execution.ray_session import ensure_ray
-from orchestrator.spec.models import RETRYABLE, StageResources
+from orchestrator.execution.executors.base import Outcome, first_done, outcome_of, ray_resources
+from orchestrator.execution.executors.tasks import RayExecutor
+from orchestrator.spec.models import StageResources
 from orchestrator.stages.base import Stage
 from orchestrator.stages.common import WARM
 from orchestrator.stages.worker import execute_stage
-
-Outcome = tuple[str, "dict | BaseException"]  # (stage key, result dict or the exception it raised)
-
-
-class Executor(Protocol):
-    def submit(self, stage: Stage, resources: StageResources) -> None: ...
-
-    def next_done(self, timeout: float) -> Outcome | None: ...
-
-    def running(self) -> int: ...
-
-    def cancel(self, key: str | None = None) -> None:
-        """Stop one stage (its outcome then arrives as an exception), or every stage."""
-
-    def why_pending(self, resources: StageResources) -> str: ...
-
-
-def first_done(refs: dict, timeout: float):
-    """The first of `refs` to finish within `timeout` seconds, or None."""
-    import ray
-
-    if not refs:
-        return None
-    done, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
-    return done[0] if done else None
-
-
-def outcome_of(ref):
-    """A finished ref's result, or the exception its stage raised (RayTaskError wraps the cause)."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except Exception as exc:
-        return exc
-
-
-def ray_resources(res: StageResources) -> dict:
-    """A stage kind's request as Ray task/actor options."""
-    options = dict(num_cpus=res.cpus, num_gpus=res.gpus, resources=res.custom or None)
-    if res.memory_gb:
-        options["memory"] = int(res.memory_gb * 2**30)
-    return options
-
-
-class InlineExecutor:
-    """Runs stages one after another in this process (tests, debugging): no Ray, no parallelism."""
-
-    def __init__(self, store_root: str, runtime: dict, run: Callable[..., dict] = execute_stage):
-        self.store_root, self.runtime, self.run = store_root, runtime, run
-        self.queue: deque[tuple[Stage, StageResources]] = deque()
-
-    def submit(self, stage: Stage, resources: StageResources) -> None:
-        self.queue.append((stage, resources))
-
-    def next_done(self, timeout: float) -> Outcome | None:
-        if not self.queue:
-            return None
-        stage, res = self.queue.popleft()
-        try:
-            if stage.record.needs_ray:  # a search runs Tune, which needs a Ray (a local one here)
-                ensure_ray(None, None)
-            return stage.key, self.run(stage, self.store_root, res.cpus, res.gpus, self.runtime)
-        except Exception as exc:  # the stage failed: the scheduler records it
-            return stage.key, exc
-
-    def running(self) -> int:
-        return len(self.queue)
-
-    def cancel(self, key: str | None = None) -> None:
-        self.queue = deque(item for item in self.queue if key is not None and item[0].key != key)
-
-    def why_pending(self, resources: StageResources) -> str:
-        return "queued behind the stages before it (inline executor)"
-
-
-class RayExecutor:
-    """One Ray task per stage with the resources its kind declares; Ray retries dead workers and nodes."""
-
-    def __init__(self, store_root: str, runtime: dict):
-        import ray
-
-
-        self.ray, self.retryable = ray, RETRYABLE
-        self.store_root, self.runtime = store_root, runtime
-        self.remote = ray.remote(execute_stage)
-        self.refs: dict = {}  # ObjectRef -> stage key
-
-    def submit(self, stage: Stage, resources: StageResources) -> None:
-        retry_on = [self.retryable[name] for name in resources.retry_on] or False
-        options = dict(ray_resources(resources), name=stage.label[:120], max_retries=resources.retries,
-                       retry_exceptions=retry_on)
-        ref = self.remote.options(**options).remote(stage, self.store_root, resources.cpus, resources.gpus,
-                                                    self.runtime)
-        self.refs[ref] = stage.key
-
-    def next_done(self, timeout: float) -> Outcome | None:
-        ref = first_done(self.refs, timeout)
-        if ref is None:
-            return None
-        return self.refs.pop(ref), outcome_of(ref)
-
-    def running(self) -> int:
-        return len(self.refs)
-
-    def cancel(self, key: str | None = None) -> None:
-        if key is None:
-            # Everything (Ctrl-C, SIGTERM, `study cancel`): end this driver's Ray job, which stops every task it
-            # started. Force-cancelling each running task instead races its completion inside Ray core and can
-            # abort the driver (seen in CI; ray-project/ray#54260, #54738).
-            self.refs.clear()
-            self.ray.shutdown()
-            return
-        for ref, k in list(self.refs.items()):
-            if k == key:  # one stage past its timeout
-                self.ray.cancel(ref, force=True)
-
-    def why_pending(self, resources: StageResources) -> str:
-        import ray
-
-        free = ray.available_resources()
-        return (f"it needs {resources.cpus:g} CPU / {resources.gpus:g} GPU on one node; the cluster has "
-                f"{free.get('CPU', 0):g} CPU / {free.get('GPU', 0):g} GPU free")
 
 
 class StageActor:
@@ -174,7 +42,7 @@ class ActorExecutor:
     """
 
     def __init__(self, store_root: str, runtime: dict):
-        import ray
+        import ray  # Ray: imported where it is used (planning and `validate` start without it)
 
         self.ray = ray
         self.store_root, self.runtime = store_root, runtime
