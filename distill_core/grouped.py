@@ -16,7 +16,9 @@ kernel (no per-op batching rules). Only the ConvNet family folds this way;
 `can_fold` says whether a network does. `train_and_evaluate_folded` is the
 evaluation protocol trained this way: the CUDA engine beside the recipe in
 `distill_core.evaluation` (on CPU, grouped convolutions measured no faster
-than one network at a time: benchmarks/methods.py).
+than one network at a time: benchmarks/methods.py), which picks it. Both
+build on `distill_core.evaluation_protocol` (config, schedule, metrics,
+records); this module does not import `distill_core.evaluation`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill_core.augment import make_augmentation
-from distill_core.evaluation import (EvalConfig, EvalSets, accuracy_of, decay_epoch, metrics_from_predictions,
-                                     network_result, seeded_network, snapshot, training_lr, validation_epochs)
+from distill_core.evaluation_protocol import (
+    EvalConfig,
+    EvalSets,
+    accuracy_of,
+    decay_epoch,
+    metrics_from_predictions,
+    network_result,
+    seeded_network,
+    snapshot,
+    training_lr,
+    validation_epochs,
+)
 from distill_core.networks import ConvNet
 from distill_core.runtime import Runtime
 from distill_core.sets import SyntheticSet

@@ -42,10 +42,10 @@ def test_study_end_to_end(ray_session, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.execution.submit import submit_study
-    from orchestrator.spec.loading import parse_spec
-    from orchestrator.storage.studies import load_record
     from orchestrator.reporting.results import study_results
+    from orchestrator.spec.loading import parse_spec
     from orchestrator.storage.local import ArtifactStore
+    from orchestrator.storage.studies import load_record
 
     monkeypatch.chdir(tmp_path)
     spec = parse_spec(yaml.safe_load(SPEC))

@@ -29,6 +29,7 @@ from pydantic import Field
 from distill_core.config import Config
 from distill_core.data.bias import assign_attributes, own_attribute, per_class_counts
 from distill_core.data.colored import colorize
+from distill_core.data.corruptions import corrupt_batch
 from distill_core.data.sources import SourceData, adapt_source
 from distill_core.sets import Normalization
 
@@ -58,15 +59,9 @@ class DatasetConfig(Config):
         return build_biased_dataset(source, **self.model_dump(exclude={"source", "image_size", "channels"}))
 
 
-def _corrupt(images, attrs, severity, generator):
-    from distill_core.data.corruptions import corrupt_batch  # heavy imports only when used
-
-    return corrupt_batch(images, attrs, severity, generator)
-
-
 BIAS_BUILDERS = {
     "colored": colorize,
-    "corrupted": _corrupt,
+    "corrupted": corrupt_batch,
 }
 
 

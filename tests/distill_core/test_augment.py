@@ -65,7 +65,13 @@ def test_unknown_strategy_is_rejected():
 # --- the siamese call's random stream is pinned --------------------------------------------------
 
 from distill_core.augment import (  # noqa: E402
-    APPLY, DSA_STRATEGY, DSA_STRATEGY_NO_FLIP, DCAugment, _dc_rotate, _dc_scale, make_augmentation,
+    APPLY,
+    DSA_STRATEGY,
+    DSA_STRATEGY_NO_FLIP,
+    DCAugment,
+    _dc_rotate,
+    _dc_scale,
+    make_augmentation,
 )
 
 

@@ -8,10 +8,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from distill_core import evaluation
+from distill_core import evaluation, evaluation_protocol
 from distill_core.augment import DSA_STRATEGY, SiameseAugment
-from distill_core.evaluation import (EvalConfig, EvalSets, evaluate_repeats, evaluate_synthetic, train_and_evaluate,
-                                     training_lr, validation_epochs)
+from distill_core.evaluation import (
+    EvalConfig,
+    EvalSets,
+    evaluate_repeats,
+    evaluate_synthetic,
+    train_and_evaluate,
+    training_lr,
+    validation_epochs,
+)
 from distill_core.runtime import Runtime
 from distill_core.sets import RealData, SyntheticSet
 from tests.distill_core.helpers import real_init
@@ -172,14 +179,14 @@ def test_evaluation_augmentation_draws_its_parameters_per_sample(colored, monkey
     make = evaluation.make_augmentation
     monkeypatch.setattr(evaluation, "make_augmentation", lambda name: augments.append(Recording(make(name)))
                         or augments[-1])
-    build = evaluation.build_network
+    build = evaluation_protocol.build_network  # seeded_network's, which fit calls
 
     def recording_build(*args, **kwargs):
         net = build(*args, **kwargs)
         net.register_forward_pre_hook(lambda m, inp: fed.append(inp[0].detach().clone()) if m.training else None)
         return net
 
-    monkeypatch.setattr(evaluation, "build_network", recording_build)
+    monkeypatch.setattr(evaluation_protocol, "build_network", recording_build)
     cfg = EvalConfig(arch_options={"width": 8}, epochs=1, batch_size=20, augment="dsa:crop", checkpoints=1)
     train_and_evaluate(syn, sets, cfg, 0, Runtime(tile=0))
     (aug,) = augments

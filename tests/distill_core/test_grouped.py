@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distill_core import evaluation
 from distill_core.augment import DSA_STRATEGY
 from distill_core.evaluation import EvalConfig, evaluate_repeats, train_and_evaluate
 from distill_core.grouped import FoldedConvNet, can_fold, predict_folded, train_and_evaluate_folded
@@ -70,11 +71,9 @@ def test_evaluate_repeats_folds_when_the_runtime_says_so(colored, monkeypatch):
     _, real, sets = colored
     syn = real_init(real, 2)
     cfg = EvalConfig(arch_options={"width": 8}, epochs=3, checkpoints=2, repeats=2)
-    import distill_core.grouped as grouped
-
     calls = []
-    original = grouped.train_and_evaluate_folded
-    monkeypatch.setattr(grouped, "train_and_evaluate_folded",
+    original = evaluation.train_and_evaluate_folded  # distill_core.grouped's, as evaluate_repeats calls it
+    monkeypatch.setattr(evaluation, "train_and_evaluate_folded",
                         lambda *a, **k: calls.append(a[3]) or original(*a, **k))
     folded = evaluate_repeats(syn, sets, cfg, Runtime(fold=True))
     assert calls == [[0, 1]]

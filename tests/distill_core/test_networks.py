@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_core.networks import (ARCHITECTURES, Architecture, UnknownArchitecture, build_network, check_network,
-                                   unknown_options)
+from distill_core.networks import (
+    ARCHITECTURES,
+    Architecture,
+    UnknownArchitecture,
+    build_network,
+    check_network,
+    unknown_options,
+)
 
 GEOMETRIES = [(1, 28), (3, 28), (3, 32)]
 

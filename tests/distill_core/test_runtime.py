@@ -13,8 +13,7 @@ from pydantic import ValidationError
 from distill_core.compiled import MaybeCompiled
 from distill_core.methods.engines import GradientMatcher, RealEmbedder
 from distill_core.networks import build_network
-from distill_core.runtime import (COMPILE_MIN_CALLS, DEFAULT_RUNTIME, PREDICT_BATCH_CPU, PREDICT_BATCH_CUDA,
-                                  Runtime)
+from distill_core.runtime import COMPILE_MIN_CALLS, DEFAULT_RUNTIME, PREDICT_BATCH_CPU, PREDICT_BATCH_CUDA, Runtime
 from distill_core.tiling import TILE_CPU
 
 CPU, CUDA = Runtime(), Runtime(device="cuda")
