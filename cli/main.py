@@ -162,11 +162,14 @@ def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, js
     orchestrator.check_cluster_paths(store_root, uri)
     cluster = orchestrator.Cluster(address)
     # the URI travels without its password: the cluster's drivers take MLFLOW_TRACKING_* from their environment
-    args = ["--store", store_root, "--tracking-uri", orchestrator.redact(uri), "--max-stages", str(max_stages)]
+    # (so does the store's: the entrypoint is kept by the cluster, and shown by `ray job list`)
+    args = ["--store", orchestrator.redact(str(store_root)), "--tracking-uri", orchestrator.redact(uri),
+            "--max-stages", str(max_stages)]
     args += ["--profile", profile] if profile else []
     submission, attached = cluster.submit(s.study_id, s.name, spec, args)
+    shown = orchestrator.redact_uri(address)
     err.print(f"study {s.study_id}: {'following the running' if attached else 'submitted'} job {submission} "
-              f"on {address}", highlight=False)
+              f"on {shown}", highlight=False)
     if no_wait:
         print(render.json_line({"study_id": s.study_id, "submission_id": submission,
                                 "state": "running" if attached else "submitted"}))
@@ -186,7 +189,7 @@ def _submit_job(s, spec: Path, address: str, store, tracking_uri, max_stages, js
         view.stop()
     if "stages" not in summary:  # the job ended without a summary: it died before or outside the study
         raise UserError(f"ray: job {submission} ended {summary.get('job_status')} without a study summary; "
-                        f"see `ddray study logs {s.study_id} --address {address}`")
+                        f"see `ddray study logs {s.study_id} --address {shown}`")
     _report(s.study_id, summary["state"], results.get("rows", []), results.get("errors", {}), summary,
             results.get("attempts", {}), results.get("tracking", {}), json_out, results.get("findings", []))
 
@@ -523,7 +526,7 @@ def ui(study_id: Optional[str] = typer.Argument(None, help="Open this study's tr
         uri = orchestrator.load_record(_store(store), study_id)["tracking_uri"]
     uri = uri or "sqlite:///mlflow.db"
     orchestrator.check_ui(uri, port)
-    err.print(f"MLflow UI for {orchestrator.redact(uri)} on http://127.0.0.1:{port}")
+    err.print(f"MLflow UI for {orchestrator.redact_uri(uri)} on http://127.0.0.1:{port}")  # the URI: by env only
     raise typer.Exit(orchestrator.serve_ui(uri, port))
 
 

@@ -30,6 +30,7 @@ EXPORTS = {
     "orchestrator.storage.opener": ("open_store",),
     "orchestrator.storage.studies": ("STATES", "load_record", "list_studies", "stage_matching", "request_cancel"),
     "orchestrator.tracking.tracker": ("check_uri", "redact"),
+    "orchestrator.tracking.secrets": ("redact_uri", "redact_text"),
     "orchestrator.tracking.ui": ("serve_ui", "check_ui"),
     "orchestrator.reporting.results": ("study_results", "study_findings"),
     "orchestrator.reporting.report": ("build_report", "log_report"),

@@ -32,8 +32,10 @@ from urllib.error import HTTPError
 
 from orchestrator.errors import UserError, first_line
 from orchestrator.execution.ray_session import check_reachable
+from orchestrator.spec.loading import read_spec
 from orchestrator.spec.paths import is_relative_sqlite
 from orchestrator.storage.studies import count_states
+from orchestrator.tracking.secrets import redact_text, redact_uri
 
 AGENT_WAIT_S = 60.0  # how long a submit waits for a freshly started head's job agent
 
@@ -79,6 +81,7 @@ class Cluster:
 
 
         self.address = address.rstrip("/")
+        self.shown = redact_uri(self.address)  # what messages name: never a password or token of the address
         check_reachable(self.address)
         token = ray_token()
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -88,12 +91,12 @@ class Cluster:
         except AuthenticationError as exc:
             reason = "the token was refused" if "invalid" in str(exc).lower() or "forbidden" in str(exc).lower() \
                 else "it needs a token"
-            raise UserError(f"ray: the cluster at {self.address} requires authentication and {reason}: set "
+            raise UserError(f"ray: the cluster at {self.shown} requires authentication and {reason}: set "
                             "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) to its token") from None
         except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
-            raise UserError(f"ray: cannot use the Jobs API at {self.address} ({first_line(exc)})") from None
+            raise UserError(f"ray: cannot use the Jobs API at {self.shown} ({redact_text(first_line(exc))})") from None
         if version and version != ray.__version__:
-            raise UserError(f"ray: the cluster at {self.address} runs Ray {version}; this ddray uses Ray "
+            raise UserError(f"ray: the cluster at {self.shown} runs Ray {version}; this ddray uses Ray "
                             f"{ray.__version__} (the versions must match)")
 
     def _get(self, path: str) -> dict:
@@ -127,7 +130,7 @@ class Cluster:
     def latest(self, study_id: str):
         jobs = self.jobs_of(study_id)
         if not jobs:
-            raise UserError(f"study '{study_id}': no job of it on the cluster at {self.address}")
+            raise UserError(f"study '{study_id}': no job of it on the cluster at {self.shown}")
         return jobs[-1]
 
     def submit(self, study_id: str, name: str, spec_path: Path, args: list[str]) -> tuple[str, bool]:
@@ -139,10 +142,8 @@ class Cluster:
         submission_id = f"ddray-{study_id}" + (f"-{len(jobs) + 1}" if jobs else "")
         workdir = Path(tempfile.mkdtemp(prefix="ddray-job-"))
         try:
-            shutil.copyfile(spec_path, workdir / "spec.yaml")
-            for package in ("distill_core", "orchestrator", "cli"):  # this checkout's code travels with the job
-                source = Path(__import__(package).__file__).parent
-                shutil.copytree(source, workdir / package, ignore=shutil.ignore_patterns("__pycache__"))
+            profile = args[args.index("--profile") + 1] if "--profile" in args[:-1] else None
+            prepare_job_dir(spec_path, workdir, study_id, profile)
             entrypoint = " ".join(["python", "-m", "cli.main", "study", "submit", "spec.yaml", "--json", "--events",
                                    *map(_quote, args)])
             deadline = time.time() + AGENT_WAIT_S
@@ -160,7 +161,7 @@ class Cluster:
                     if "No available agent" in str(exc) and time.time() < deadline:
                         time.sleep(2.0)
                         continue
-                    raise UserError(f"ray: the cluster refused the job ({first_line(exc)})") from None
+                    raise UserError(f"ray: the cluster refused the job ({redact_text(first_line(exc))})") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return submission_id, False
@@ -213,6 +214,30 @@ class Cluster:
         return job.submission_id
 
 
+def prepare_job_dir(spec_path: Path, workdir: Path, study_id: str | None = None, profile: str | None = None) -> Path:
+    """The job's working_dir (uploaded to the cluster and kept there): `spec.yaml`, the spec with every
+    credential redacted (`secrets.redact_text`: URI passwords, query tokens, secret-named values), and this
+    checkout's code. The cluster's driver takes credentials from its own environment
+    (MLFLOW_TRACKING_USERNAME/PASSWORD, MLFLOW_TRACKING_TOKEN, AWS_*), never from the upload.
+
+    A credential in a field that defines the study (its id would differ once redacted) is refused: one line."""
+    text = Path(spec_path).read_text()
+    redacted = redact_text(text)
+    (workdir / "spec.yaml").write_text(redacted)
+    if redacted != text and study_id is not None:
+        try:
+            same = read_spec(workdir / "spec.yaml", profile, anchored=False)[0].study_id == study_id
+        except UserError:
+            same = False
+        if not same:
+            raise UserError(f"{spec_path}: a credential in the spec is part of what the study computes (a dataset "
+                            "source?); a study on a cluster takes credentials from its environment, not the spec")
+    for package in ("distill_core", "orchestrator", "cli"):  # this checkout's code travels with the job
+        source = Path(__import__(package).__file__).parent
+        shutil.copytree(source, workdir / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return workdir
+
+
 def _quote(arg: str) -> str:
 
     return shlex.quote(arg)
@@ -221,8 +246,9 @@ def _quote(arg: str) -> str:
 def check_cluster_paths(store_root: str, tracking_uri: str) -> None:
     """What a driver on the cluster writes must be somewhere every node (and the user) can reach."""
     if "://" not in store_root and not Path(store_root).is_absolute():
-        raise UserError(f"store.root: '{store_root}' is relative; a study on a cluster needs a path every node "
-                        "mounts (e.g. /store) or an object store URL (--store s3://bucket/prefix)")
+        raise UserError(f"store.root: '{redact_uri(store_root)}' is relative; a study on a cluster needs a path "
+                        "every node mounts (e.g. /store) or an object store URL (--store s3://bucket/prefix)")
     if is_relative_sqlite(tracking_uri):
-        raise UserError(f"tracking.uri: '{tracking_uri}' is a relative SQLite path; a study on a cluster needs "
-                        "an absolute path on its shared storage or a tracking server (--tracking-uri http://...)")
+        raise UserError(f"tracking.uri: '{redact_uri(tracking_uri)}' is a relative SQLite path; a study on a "
+                        "cluster needs an absolute path on its shared storage or a tracking server "
+                        "(--tracking-uri http://...)")

@@ -9,6 +9,7 @@ import os
 import socket
 
 from orchestrator.errors import UserError, first_line
+from orchestrator.tracking.secrets import redact_uri
 
 
 def available_cpus() -> int:
@@ -59,4 +60,4 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as exc:
-        raise UserError(f"ray: cannot reach cluster '{address}' ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"ray: cannot reach cluster '{redact_uri(address)}' ({exc.__class__.__name__}: {exc})") from None

@@ -6,10 +6,14 @@ stages start longest-remaining-path first (a stage's height: the most stages on
 any path from it to the end), so the critical path (e.g. PTMs that a guided
 distillation and its evaluations wait for) is never queued behind leaves. A
 ready stage is taken from the store if another submit has published it
-meanwhile (`reused`), else computed under its lease, else (another live
-driver holds the lease) it waits, and is polled once a second until it
-appears in the store or the lease falls free. Every transition goes to the
-`StudyLog` (one appended line) and to the subscribers (live view, tracking).
+meanwhile (`reused`, checked again once the lease is acquired), else computed
+under its lease, else (another live driver holds the lease) it waits, and is
+polled once a second until it appears in the store or the lease falls free.
+A stage whose lease this driver lost while it ran (taken over, or not renewed
+within the TTL) and cannot take back is not reported as executed (its result
+is not logged as this driver's): it counts as reused, with a warning. Every
+transition goes to the `StudyLog` (one appended line) and to the subscribers
+(live view, tracking).
 
 A stage whose input turns out damaged when read (`CorruptArtifact` from the
 worker) has that input verified in full, quarantined and rebuilt once, and
@@ -139,6 +143,11 @@ class Scheduler:
             self.blocked.add(key)
             return
         self.blocked.discard(key)
+        if self.store.is_complete(stage.kind, key):  # another driver published it between the check and acquire
+            self.leases.release(key)
+            self._set(key, "reused")
+            self._done(key)
+            return
         if self.store.exists(stage.kind, key) and not self.store.is_complete(stage.kind, key, full=True):
             self.store.quarantine(stage.kind, key)  # verified twice, under the lease: damaged
             self.emit({"type": "warning", "message": f"stored stage {stage.label} was damaged; rebuilding"})
@@ -153,6 +162,13 @@ class Scheduler:
         attempts = self.store.attempts(key)
         submitted = self.submitted.pop(key, None)
         if not isinstance(result, BaseException):
+            if not self._still_ours(key):
+                self.emit({"type": "warning", "message": f"{stage.label}: this driver lost its lease while the stage "
+                                                         f"ran (taken over, or not renewed in time); its result is "
+                                                         f"not logged as this driver's"})
+                self._set(key, "reused", attempts=attempts)
+                self._done(key)
+                return
             run, metrics = result.get("run", {}), result.setdefault("metrics", {})
             if submitted is not None and run.get("started"):
                 metrics["queue_seconds"] = max(0.0, run["started"] - submitted)
@@ -170,6 +186,14 @@ class Scheduler:
             if key in self.timed_out else task_error(result)
         self._set(key, "failed", message, attempts=attempts)
         self._skip_dependents(key)
+
+    def _still_ours(self, key: str) -> bool:
+        """The stage's lease is still this driver's (re-read: owner and fencing token), or can be had
+        again because nobody took it (a lease lost to a store outage); False when unsure."""
+        try:
+            return self.leases.still_held(key) or self.leases.acquire(key)
+        except Exception:  # the store is unreachable: do not claim a stage this driver may no longer own
+            return False
 
     def _rebuild(self, key: str, bad: CorruptArtifact) -> None:
         """An input failed its checksum when read: verify it in full, set it aside, rebuild it, run `key` again."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,10 @@ from orchestrator.reporting.results import (
 from orchestrator.spec.models import StudySpec
 from orchestrator.spec.paths import absolute_sqlite
 from orchestrator.stages.base import KINDS
-from orchestrator.storage.leases import Leases, Owner
+from orchestrator.storage.leases import DEFAULT_TTL_S, Leases, Owner
 from orchestrator.storage.opener import open_leases, open_store
 from orchestrator.storage.studies import DONE, HEARTBEAT_S, StudyLog, load_record
+from orchestrator.tracking.secrets import redact_data
 from orchestrator.tracking.session import NoTracking, TrackingSession, fully_tracked
 from orchestrator.tracking.tracker import Tracker, check_uri, redact
 
@@ -169,20 +171,62 @@ class Background:
 
 
 class Heartbeat:
-    """Renews this driver's leases and heartbeat file every few seconds, from a thread."""
+    """Renews this driver's leases and heartbeat file every few seconds, from a thread no error ends.
 
-    def __init__(self, log: StudyLog, leases: Leases, every: float = HEARTBEAT_S):
+    A renew that raises (a full disk, botocore's EndpointConnectionError, anything) is counted
+    (`failures`: consecutive passes) and tried again at the next beat. Once the leases have gone
+    unrenewed for longer than their TTL, `emit` gets one warning; every lease the book reports lost
+    (`leases.lost()`: taken over, or not renewed within the TTL) is named in a warning once, and the
+    scheduler does not log those stages as this driver's."""
+
+    def __init__(self, log: StudyLog, leases: Leases, every: float = HEARTBEAT_S, emit: EventFn | None = None):
         self.log, self.leases, self.every = log, leases, every
+        self.emit = emit or (lambda event: None)
+        self.failures = 0  # consecutive renew passes that raised
+        self.beats = 0
+        self._last_ok = time.monotonic()
+        self._warned_outage = False
+        self._reported: set[str] = set()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="ddray-heartbeat", daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            try:
-                self.leases.renew()
-                self.log.heartbeat("running")
-            except OSError:  # a full or flaky disk must not kill the driver; the next beat tries again
-                pass
+            self.beat()
+
+    def beat(self) -> None:
+        started = time.monotonic()
+        try:
+            self.leases.renew()
+            self.failures, self._last_ok, self._warned_outage = 0, started, False
+        except Exception as exc:  # nothing may end this thread: the leases would expire while the driver computes
+            self.failures += 1
+            ttl = getattr(self.leases, "ttl", DEFAULT_TTL_S)
+            if not self._warned_outage and started - self._last_ok > ttl:
+                self._warned_outage = True
+                self._warn(f"leases not renewed for {started - self._last_ok:.0f} s ({self.failures} failed "
+                           f"attempts, last: {type(exc).__name__}: {str(exc)[:200]}); another driver may take "
+                           f"over this driver's stages")
+        try:
+            self.log.heartbeat("running")
+        except Exception:  # a full or flaky disk must not kill the driver; the next beat tries again
+            pass
+        try:
+            lost = set(getattr(self.leases, "lost", lambda: [])()) - self._reported
+        except Exception:
+            lost = set()
+        if lost:
+            self._reported |= lost
+            names = ", ".join(sorted(lost)[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+            self._warn(f"lost the lease of {len(lost)} stage(s) ({names}): taken over or not renewed in time; "
+                       f"this driver will not log them as its own")
+        self.beats += 1
+
+    def _warn(self, message: str) -> None:
+        try:
+            self.emit({"type": "warning", "message": message})
+        except Exception:
+            pass
 
     def __enter__(self) -> "Heartbeat":
         self.thread.start()
@@ -205,11 +249,23 @@ class Preflight:
 
 def preflight(spec: StudySpec, store, graph: StageGraph, uri: str, address: str | None, num_cpus: int | None,
               executor: Callable[[str, dict], Executor] | None) -> Preflight:
-    """Tracking reachable, data present, every stage kind fits on one node; Ray started only if needed."""
+    """Tracking reachable, data present, every stage kind fits on one node; Ray started only if needed.
+
+    A stage is cached when the store holds it complete by its files' sizes; the cached stages no other
+    stage of the graph reads (leaves: evaluations) are verified by their full checksums too, since no
+    worker will read them and find the damage: a damaged one is quarantined and rebuilt (not cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     check_uri(uri)
     if address:
         check_reachable(address)
     cached = {k for k, s in graph.stages.items() if store.is_complete(s.kind, k)}
+    leaves = [k for k in cached if not graph.dependents(k)]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # an object store answers each read in a round trip
+        whole = dict(zip(leaves, pool.map(lambda k: store.is_complete(graph.stages[k].kind, k, full=True), leaves)))
+    for k in [k for k, ok in whole.items() if not ok]:
+        store.quarantine(graph.stages[k].kind, k)  # kept for inspection; the scheduler computes it again
+        cached.discard(k)
     # nothing to compute and every run already in MLflow: neither Ray nor the tracking server is needed
     tracked_parent = fully_tracked(store, spec.study_id, redact(uri), spec.experiment_name, graph.stages) \
         if len(cached) == len(graph.stages) else None
@@ -235,17 +291,17 @@ def open_study(spec: StudySpec, spec_text: str, store, graph: StageGraph, uri: s
     else:
         tracking = TrackingSession(pre.tracker, store, spec.study_id, leases, emit)
         parent = tracking.open(spec.name, spec.spec_hash(), spec_text, __version__)
-    dump = spec.model_dump(mode="json")
+    dump = redact_data(spec.model_dump(mode="json"))  # every URI and secret-named value in the spec, not only its own
     dump["tracking"]["uri"] = redact(uri)
     stages = {k: {"kind": s.kind, "label": s.label, "coords": s.coords, "inputs": s.input_keys,
                   "state": "cached" if k in pre.cached else "pending"} for k, s in graph.stages.items()}
     owner = log.owner
     log.start({"name": spec.name, "spec_hash": spec.spec_hash(), "spec": dump,
                "tracking_uri": redact(uri), "experiment": spec.experiment_name,
-               "parent_run_id": parent, "store_root": str(store.root), "ddray_version": __version__,
+               "parent_run_id": parent, "store_root": redact(str(store.root)), "ddray_version": __version__,
                "driver": {"host": owner.host, "pid": owner.pid, "id": owner.driver}}, stages)
     emit({"type": "start", "study_id": spec.study_id, "parent_run_id": parent, "stages": stages,
-          "store": str(store.root), "tracking_uri": redact(uri)})
+          "store": redact(str(store.root)), "tracking_uri": redact(uri)})
     tracking.log_stored({k: graph.stages[k].kind for k in pre.cached})
     return tracking, parent
 
@@ -260,7 +316,7 @@ def run_stages(spec: StudySpec, store, graph: StageGraph, pre: Preflight, log: S
         emit(event)
 
     scheduler = Scheduler(graph, spec.resources, store, log, leases, pre.runner, on_event, tracking.executed)
-    with Heartbeat(log, leases):
+    with Heartbeat(log, leases, emit=emit):
         return scheduler.run()
 
 

@@ -34,6 +34,7 @@ from distill_core.methods.registry import (
 )
 from distill_core.ptm import PTMConfig, recipe
 from orchestrator.errors import UserError
+from orchestrator.plan.count import check_stage_limit
 from orchestrator.spec.base import shared
 from orchestrator.spec.checks import option_points
 from orchestrator.spec.claims import unmatched_filters
@@ -116,6 +117,7 @@ def evaluation_stages(spec: StudySpec, method: Method, distill: Stage, target: S
 
 
 def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> StageGraph:
+    check_stage_limit(spec, max_stages)  # counted from the spec first: a study over the limit builds nothing
     graph = StageGraph(max_stages=max_stages)
     # PTM-source-only datasets (distill: false) enter the graph only when a pool uses them
     variants: dict[str, list[Stage]] = {

@@ -8,8 +8,10 @@ import json
 import math
 
 from distill_core.methods.registry import reference_method
+from orchestrator.errors import UserError
 from orchestrator.reporting.findings import evaluate_findings, evaluation_of
 from orchestrator.spec.claims import ClaimSpec
+from orchestrator.storage.files import CorruptArtifact
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.studies import DONE
 
@@ -21,9 +23,21 @@ ROW_EXTRAS = ("iterations", "lr_img", "options", "eval_protocol", "selection", "
 
 
 def evaluation_results(store: ArtifactStore, record: dict) -> list[dict]:
-    """The stored results of the study's finished evaluation stages."""
-    return [store.read_json("evaluate", key, "result.json") for key, st in record["stages"].items()
-            if st["kind"] == "evaluate" and st["state"] in DONE]
+    """The stored results of the study's finished evaluation stages; a UserError naming the stages whose stored
+    result fails its checksum (or is gone): a resubmit verifies them, sets them aside and rebuilds them."""
+    results, damaged = [], []
+    for key, st in record["stages"].items():
+        if st["kind"] == "evaluate" and st["state"] in DONE:
+            try:
+                results.append(store.read_json("evaluate", key, "result.json"))
+            except CorruptArtifact:
+                damaged.append(st.get("label") or key)
+    if damaged:
+        names = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        study = record.get("study_id", "the study")
+        raise UserError(f"results: {len(damaged)} evaluation stage(s) of {study} damaged in the store ({names}); "
+                        "resubmit the study to rebuild them")
+    return results
 
 
 def study_findings(store: ArtifactStore, record: dict, results: list[dict] | None = None) -> list[dict]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from itertools import product
+from itertools import islice, product
 from typing import Annotated, Any, Iterator
 
 from pydantic import BeforeValidator, Field, ValidationError, create_model
@@ -85,13 +85,37 @@ def _options(spec: StudySpec) -> list[Problem]:
             continue
         if method not in spec.distillation.methods:
             out.append(Problem(loc, f"method '{method}' is not in distillation.methods"))
-        for point in option_points(option_grid(method, raw)):  # cross-field checks of the method's own model
+        # the method's own model on every value of every axis (the first MAX_CHECKED_POINTS points of the
+        # product where the model checks across fields), never the whole product: see checked_points
+        for point in checked_points(METHODS[method].options, option_grid(method, raw)):
             try:
                 METHODS[method].options(**point)
             except ValidationError as exc:
                 out += problems_from(exc, METHODS[method].options, loc, unknown="option")
                 break
     return out
+
+
+MAX_CHECKED_POINTS = 10_000  # option points a cross-field validator of a method's options model is run on
+
+
+def checked_points(options: type[Options], axes: dict[str, list]) -> Iterator[dict]:
+    """The option points whose validation can still refuse something, never more than MAX_CHECKED_POINTS.
+
+    The grid model has already checked every value on its own axis with the option's type and bounds.
+    A model with no validator across fields (`model_validator`, none today) can refuse only per value, so
+    checking each axis once is the whole check: one point per value (the others at their first value),
+    the sum of the axes' lengths instead of their product. A model with one is run on the first
+    MAX_CHECKED_POINTS points of the product (a larger grid is refused by the stage limit, counted from
+    the spec before the graph is built)."""
+    if options.__pydantic_decorators__.model_validators:
+        yield from islice(option_points(axes), MAX_CHECKED_POINTS)
+        return
+    first = {k: v[0] for k, v in axes.items()}
+    yield first
+    for name, values in axes.items():
+        for value in values[1:]:
+            yield {**first, name: value}
 
 
 def _restrictions(spec: StudySpec) -> list[Problem]:

@@ -19,6 +19,15 @@ from orchestrator.spec.problems import Problem, problems_from
 MAX_SPEC_BYTES = 1 << 20
 
 
+MAX_DEPTH = 64  # nesting of a spec's YAML (a study spec is a handful of levels deep)
+
+
+MAX_NODES = 1_000_000  # YAML nodes of a spec once its aliases are expanded (an alias bomb is refused)
+
+
+MAX_INT_DIGITS = 100  # an integer literal longer than this is refused (Python would refuse past 4,300)
+
+
 def parse_spec(data: Any) -> StudySpec:
 
     if not isinstance(data, dict):
@@ -46,12 +55,74 @@ def unique_lines(problems: list[Problem]) -> list[str]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice in one mapping (YAML says last wins, silently)."""
+    """The safe loader, refusing a key given twice in one mapping (YAML says last wins, silently), nesting
+    deeper than MAX_DEPTH (checked while composing, before Python's recursion limit), a document that
+    expands through its aliases to more than MAX_NODES nodes or deeper than MAX_DEPTH, a recursive alias,
+    a key that is not a scalar and an integer of more than MAX_INT_DIGITS digits: each a YAML error at its
+    line."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """The composed document's size and depth with every alias expanded, computed once per distinct node
+    (iteratively: neither the count nor the depth can exhaust memory or the stack)."""
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if done:
+            kids = _children(node)
+            size[id(node)] = min(MAX_NODES + 1, 1 + sum(size[id(k)] for k in kids))
+            height[id(node)] = 1 + max((height[id(k)] for k in kids), default=0)
+            open_.discard(id(node))
+            if size[id(node)] > MAX_NODES:
+                raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_NODES:,} nodes "
+                                                              "through its aliases", node.start_mark)
+            if height[id(node)] > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels "
+                                                              "through its aliases", node.start_mark)
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it",
+                                              node.start_mark)
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node) if id(k) not in size)
 
 
 def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
     seen: set = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value, not a "
+                                                                "list or mapping", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
@@ -59,7 +130,15 @@ def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode
     return loader.construct_mapping(node, deep=deep)
 
 
+def _bounded_int(loader: _UniqueKeyLoader, node: yaml.ScalarNode):
+    if len(node.value) > MAX_INT_DIGITS:
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(node.value):,} digits (at most "
+                                                            f"{MAX_INT_DIGITS})", node.start_mark)
+    return loader.construct_yaml_int(node)
+
+
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 
 
 def load_yaml(text: str, where: str) -> Any:

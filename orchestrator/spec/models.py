@@ -44,6 +44,12 @@ from orchestrator.spec.search import SearchSpec
 MAX_GRID = 1000  # entries in one grid list
 
 
+MAX_HISTORY = 1_000_000  # history records one distillation keeps: iterations / log_every (a trial: iterations)
+
+
+MAX_KEPT_CHECKPOINTS = 1_001  # checkpoints one PTM stage keeps (every epoch of 1,000 epochs, and epoch 0)
+
+
 def Grid(item: Any, min_length: int = 1) -> Any:  # noqa: N802 (a type factory)
     """A grid axis: a list (a scalar is a one-point grid)."""
     return Annotated[list[item], BeforeValidator(as_list), Field(min_length=min_length, max_length=MAX_GRID)]
@@ -180,6 +186,20 @@ class PTMPoolSpec(Strict):
     def train_epochs(self) -> int:
         return self.epochs or {"ptm": 150, "expert": 50}[self.recipe]
 
+    @model_validator(mode="after")
+    def checkpoints_bounded(self) -> "PTMPoolSpec":
+        epochs = self.train_epochs
+        if self.checkpoint_epochs is None:
+            if epochs + 1 > MAX_KEPT_CHECKPOINTS:
+                raise ValueError(f"epochs: keeping every epoch (checkpoint_epochs unset) of {epochs:,} epochs is "
+                                 f"{epochs + 1:,} checkpoints in one stage; at most {MAX_KEPT_CHECKPOINTS:,} "
+                                 "(list the epochs to keep in checkpoint_epochs)")
+        elif len(self.checkpoint_epochs) > min(epochs + 1, MAX_KEPT_CHECKPOINTS):
+            raise ValueError(f"checkpoint_epochs: {len(self.checkpoint_epochs):,} entries, but a pool keeps at most "
+                             f"{min(epochs + 1, MAX_KEPT_CHECKPOINTS):,} checkpoints (epochs 0..{epochs:,}, "
+                             f"at most {MAX_KEPT_CHECKPOINTS:,})")
+        return self
+
 
 RESTRICTIONS = ("methods", "ipc")  # GuidanceSpec fields saying where an entry runs
 
@@ -244,6 +264,24 @@ class DistillationSpec(Strict):
     options: dict[MethodName, dict[str, Any]] = Field(default_factory=dict)
     log_every: same(DistillConfig, "log_every")
     search: SearchSpec | None = None  # a Ray Tune search per distillation setting (orchestrator.spec.search)
+
+    @model_validator(mode="after")
+    def history_bounded(self) -> "DistillationSpec":
+        """A distillation keeps iterations / log_every history records (a search's trial: every iteration)."""
+        longest = max(self.iterations or [METHODS[m].iterations for m in self.methods if METHODS[m].optimises_images],
+                      default=0)
+        if longest // self.log_every > MAX_HISTORY:
+            raise ValueError(f"log_every: {longest:,} iterations every {self.log_every:,} keep "
+                             f"{longest // self.log_every:,} history records per distillation; at most "
+                             f"{MAX_HISTORY:,} (raise log_every)")
+        domain = self.search.space.get("iterations") if self.search is not None else None
+        searched = [v for v in (domain.value if domain is not None else [])
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        longest = max([*searched, longest if domain is None else 0])
+        if self.search is not None and longest > MAX_HISTORY:
+            raise ValueError(f"search: a trial keeps every iteration's record, {longest:,} iterations; at most "
+                             f"{MAX_HISTORY:,}")
+        return self
 
 
 class EvaluationSpec(Strict):

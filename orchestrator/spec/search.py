@@ -20,6 +20,7 @@ models the stages use, so a bad bound is one line naming its path.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -37,6 +38,9 @@ GUIDANCE_FIELDS = ("alpha", "real_batch")
 
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+MAX_TRIALS = 100_000  # trials in one search: num_samples x the points of every grid
 
 
 SEARCH_ALGORITHMS = ("random", "optuna")  # Tune's random/grid search and Optuna's TPE (not distillation methods)
@@ -123,6 +127,15 @@ class SearchSpec(Strict):
     max_concurrent: same(SearchConfig, "max_concurrent")
     max_failures: int = Field(default=2, ge=0, le=100)  # a failing trial is retried, the others are kept
     proxy: ProxySpec = ProxySpec()
+
+    @model_validator(mode="after")
+    def trials_bounded(self) -> "SearchSpec":
+        grids = [len(d.grid) for d in self.space.values() if d.grid is not None]
+        trials = self.num_samples * math.prod(grids)
+        if trials > MAX_TRIALS:
+            raise ValueError(f"num_samples: {self.num_samples:,} x {' x '.join(map(str, grids))} grid points = "
+                             f"{trials:,} trials per search; at most {MAX_TRIALS:,}")
+        return self
 
 
 def applies(path: str, method: str, guided: bool) -> bool:

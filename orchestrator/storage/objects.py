@@ -16,10 +16,10 @@ and object path of every file, and the prefix) only if it is absent: `PutObject`
 `If-None-Match: *` on S3 (s3fs `pipe_file(mode="create")`; moto enforces it and answers 412), the
 filesystem's own exclusive create elsewhere (`os.link` of a complete temp file on a local disk, which
 fails if the name exists; `pipe_file(mode="create")` on other filesystems: atomic only where the
-implementation makes it so, fsspec's default is check-then-write; gcsfs was not tested). Every create is read
-back and counts as ours only if the stored bytes are ours, which also resolves a race on a server
-that ignores the condition (the last writer's manifest is the one kept; a writer whose read-back
-shows another prefix deletes its own files). The first writer wins; a later writer of the same key
+implementation makes it so, fsspec's default is check-then-write, so gs://, az://, ... are not
+atomic). Every create is read back and counts as ours only if the stored bytes are ours, which also
+resolves a race on a server that ignores the condition (the last writer's manifest is the one kept;
+a writer whose read-back shows another prefix deletes its own files). The first writer wins; a later writer of the same key
 keeps a complete copy and deletes its prefix; a damaged copy is quarantined first (by the caller
 holding the stage's lease, as in the POSIX store). Files stay under the writer's prefix after
 publication: a prefix the manifest does not name is garbage, removed by `clean_temp` once its writer
@@ -47,14 +47,19 @@ append, so `study_dir(study_id)` is a LOCAL directory in the cache: the record, 
 the driver heartbeats of a study on an object store live on the node of the driver that ran it
 (`ddray study status` finds them there, not on other machines).
 
-Leases. `ObjectLeases` keeps `Leases`' semantics: create-if-absent with the conditional PUT; a
-stale lease is taken over only under a breaker object (itself created conditionally) and replaced by
-a compare-and-swap (`If-Match: <etag of the stale lease>`), so two takers cannot both replace it;
-renew overwrites with `If-Match` (a lease taken over meanwhile is not clobbered, it is dropped from
-`held`); release deletes with `If-Match` (only if still ours). On a local disk the compare-and-swap
-runs under an flock of the leases directory. On other filesystems without conditional requests
-(memory://, a server that ignores them) the compare-and-swap is a read-compare-write and not
-atomic: use S3, GCS or a local/shared POSIX path for concurrent drivers.
+Leases. `ObjectLeases` keeps `Leases`' semantics (see `orchestrator.storage.leases`: staleness by the
+reader's own monotonic clock, a fencing token per acquire kept in `leases/<name>.fence`): create-if-absent
+with the conditional PUT; a stale lease is taken over under a breaker object (itself created
+conditionally) by a compare-and-swap (`If-Match: <etag of the stale lease>`), so two takers cannot both
+replace it; renew overwrites with `If-Match` (a lease taken over meanwhile is not clobbered: it is lost);
+release deletes with `If-Match` (only if still ours); the fence is raised by compare-and-swap too. On a
+local disk the compare-and-swap runs under an flock of the leases directory, on memory:// under a lock
+of this process (memory:// is one process's). Backends safe for concurrent drivers: s3:// (a server
+that enforces If-None-Match / If-Match: AWS S3, moto, recent MinIO), a POSIX path (`Leases`: a local
+disk, or NFS where flock works across clients), file:// through fsspec on one machine's disk. Other fsspec filesystems (gs://, az://, ...) have no
+conditional writes here (fsspec's `mode="create"` is check-then-write): `ObjectLeases` refuses them with
+one line unless DDRAY_SINGLE_DRIVER=1 says only one driver uses the store. An S3 server that answers
+501 to If-Match falls back to read-compare-write, which is not atomic.
 
 Credentials come from the environment as each filesystem reads it: for S3 the standard `AWS_*`
 variables, `AWS_ENDPOINT_URL` included (botocore reads it, so MinIO/moto/Ceph work without options).
@@ -71,6 +76,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +86,7 @@ from urllib.parse import urlsplit
 import fsspec
 import fsspec.asyn
 
+from orchestrator.errors import UserError
 from orchestrator.storage.base import StoreReads
 from orchestrator.storage.files import (
     HOST,
@@ -90,7 +97,15 @@ from orchestrator.storage.files import (
     sha256_file,
     writer_of,
 )
-from orchestrator.storage.leases import BREAKER_STALE_S, DEFAULT_TTL_S, LeaseBook, Owner
+from orchestrator.storage.leases import (
+    BREAKER_STALE_S,
+    DEFAULT_TTL_S,
+    LeaseBook,
+    Owner,
+    _int,
+    encode,
+    unreadable_lease,
+)
 
 TEMP = ".tmp-"
 
@@ -99,6 +114,9 @@ FORCE_ENV = "DDRAY_OBJECT_STORE"  # "1": file:// URLs go through fsspec too (Obj
 
 
 CACHE_ENV = "DDRAY_CACHE"
+
+
+SINGLE_DRIVER_ENV = "DDRAY_SINGLE_DRIVER"  # "1": leases on a store without conditional writes (one driver only)
 
 
 CREATE_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict to concurrent conditional writes: retry
@@ -154,13 +172,17 @@ def _etag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_IN_PROCESS = threading.RLock()  # memory://'s compare-and-swap: the filesystem is this process's
+
+
 class _Objects:
     """get/put/create/replace/delete of small objects, plus listing, over one fsspec filesystem.
 
     `create` is exclusive (False when the object exists) and confirmed by reading it back;
     `replace`/`delete` with an etag act only if the object is still that version. S3: conditional
-    requests (If-None-Match / If-Match). Local disk: os.link and an flock of the directory. Other
-    filesystems: the filesystem's `mode="create"`, and read-compare-write (not atomic) for the rest.
+    requests (If-None-Match / If-Match). Local disk: os.link and an flock of the directory. memory://:
+    the same under a lock of this process (it is one process's). Other filesystems: the filesystem's
+    `mode="create"`, and read-compare-write (not atomic) for the rest (`conditional` is False).
     """
 
     def __init__(self, fs):
@@ -170,6 +192,9 @@ class _Objects:
 
         self.kind = "s3" if {"s3", "s3a"} & set(protocols) else \
             "local" if isinstance(fs, LocalFileSystem) else "generic"
+        self.protocol = str(protocols[0])
+        self.in_process = "memory" in protocols  # fsspec's memory filesystem lives in this process only
+        self.conditional = self.kind in ("s3", "local") or self.in_process  # atomic create and compare-and-swap
         self._s3_if_match = True  # cleared if the server says it has no conditional PUT/DELETE on If-Match
 
     # reading
@@ -262,6 +287,13 @@ class _Objects:
             finally:
                 tmp.unlink(missing_ok=True)
             return _etag(data)
+        if self.in_process:
+            with _IN_PROCESS:
+                return self._create_generic(path, data)
+        return self._create_generic(path, data)
+
+    def _create_generic(self, path: str, data: bytes) -> str | None:
+        """`mode="create"` (If-None-Match on S3), confirmed by reading the object back."""
         for attempt in range(CREATE_RETRIES):
             try:
                 self.fs.pipe_file(path, data, mode="create")
@@ -326,6 +358,10 @@ class _Objects:
     @contextlib.contextmanager
     def _cas_lock(self, path: str) -> Iterator[None]:
         """Compare-and-swap on a local disk: under an flock of the object's directory (processes and threads)."""
+        if self.in_process:
+            with _IN_PROCESS:
+                yield
+            return
         if self.kind != "local":
             yield  # no lock available: read-compare-write, not atomic (see the module docstring)
             return
@@ -759,8 +795,21 @@ def _size(path: Path) -> int:
         return -1
 
 
+CLAIM_RETRIES = 8  # raising the fence races only with a taker that judged this acquire's lease stale
+
+
+def refuse_unconditional(objects: _Objects, url: str) -> None:
+    """Leases need conditional writes: one line naming the backend where fsspec has none here."""
+    if objects.conditional or os.environ.get(SINGLE_DRIVER_ENV, "") == "1":
+        return
+    raise UserError(f"store.root: {objects.protocol}:// has no conditional writes in this fsspec version; "
+                    f"concurrent drivers need s3:// or a POSIX path ({SINGLE_DRIVER_ENV}=1 if only one driver "
+                    f"uses {url})")
+
+
 class ObjectLeases(LeaseBook):
-    """Leases on an object store: conditional create, takeover under a breaker by compare-and-swap."""
+    """Leases on an object store: conditional create, takeover under a breaker by compare-and-swap,
+    renew and release by compare-and-swap, a fencing token raised by compare-and-swap on `<name>.fence`."""
 
     def __init__(self, store_url: str | ObjectStore, owner: Owner, ttl: float = DEFAULT_TTL_S):
         super().__init__(owner, ttl)
@@ -769,61 +818,111 @@ class ObjectLeases(LeaseBook):
         else:
             fs, base = _open_fs(str(store_url))
         self.objects = _Objects(fs)
+        refuse_unconditional(self.objects, str(getattr(store_url, "url", store_url)))
         self.dir = base.rstrip("/") + "/leases"
 
     def _path(self, name: str) -> str:
         return f"{self.dir}/{name}.json"
 
+    def _fence_path(self, name: str) -> str:
+        return f"{self.dir}/{name}.fence"
+
     def _read(self, path: str) -> tuple[dict | None, str | None]:
-        """(lease, etag): lease None when absent or unreadable, etag None only when absent."""
+        """(lease, etag): both None when absent; an unreadable lease reads as a placeholder of its version."""
         got = self.objects.get(path)
         if got is None:
             return None, None
         try:
             info = json.loads(got[0])
         except ValueError:
-            return None, got[1]
-        return (info if isinstance(info, dict) else None), got[1]
+            info = None
+        return (info if isinstance(info, dict) else unreadable_lease(got[1])), got[1]
+
+    def _read_fence(self, name: str) -> tuple[int, str | None]:
+        got = self.objects.get(self._fence_path(name))
+        if got is None:
+            return 0, None
+        try:
+            return int(got[0].strip() or 0), got[1]
+        except ValueError:
+            return 0, got[1]
 
     def holder(self, name: str) -> dict | None:
         return self._read(self._path(name))[0]
 
-    def _create(self, name: str) -> bool:
-        return self.objects.create(self._path(name), self._body()) is not None
+    def _acquire(self, name: str) -> dict | None:
+        """Create the lease (the fence read first: its token), else take it over if stale; then raise the fence."""
+        path = self._path(name)
+        fence, fence_etag = self._read_fence(name)
+        new = self._body(fence + 1)
+        if self.objects.create(path, encode(new)) is None:
+            info, etag = self._read(path)
+            if etag is None or not self.stale(name, info):
+                return None  # held (or released this instant: the next try creates it)
+            new["token"] = max(new["token"], _int(info.get("token")) + 1)
+            if not self._take_over(name, new):
+                return None
+        return self._claim(name, new, fence, fence_etag)
 
-    def _take_over(self, name: str) -> bool:
-        """Replace a stale lease, under the breaker object; False if someone else is breaking or won it."""
+    def _claim(self, name: str, new: dict, fence: int, fence_etag: str | None) -> dict | None:
+        """Record the new lease's token in the fence, which only ever grows (compare-and-swap); if another
+        acquire recorded a token as large meanwhile, take the next one (rewriting our lease first)."""
+        path = self._fence_path(name)
+        for _ in range(CLAIM_RETRIES):
+            if fence >= new["token"]:
+                bumped = {**new, "token": fence + 1}
+                if not self._replace_mine(name, new, bumped):
+                    return None  # taken over meanwhile
+                new = bumped
+            data = str(new["token"]).encode()
+            done = self.objects.create(path, data) is not None if fence_etag is None \
+                else self.objects.replace(path, data, fence_etag)
+            if done:
+                return new
+            fence, fence_etag = self._read_fence(name)
+        self._release(name, new)
+        return None
+
+    def _take_over(self, name: str, new: dict) -> bool:
+        """Replace a stale lease, under the breaker object; False if someone else is breaking or won it.
+        A breaker left by a taker that died is removed once it has stayed the same for BREAKER_STALE_S
+        by this process's monotonic clock."""
         path = self._path(name)
         breaker = path + ".break"
         mine = self.objects.create(breaker, json.dumps(
-            {"driver": self.owner.driver, "t": time.time(), "token": uuid.uuid4().hex}).encode())
+            {"driver": self.owner.driver, "token": uuid.uuid4().hex}).encode())
         if mine is None:
-            got = self.objects.get(breaker)  # a breaker left by a taker that died within its few requests
-            if got is not None:
-                try:
-                    t = float(json.loads(got[0]).get("t", 0))
-                except (ValueError, AttributeError, TypeError):
-                    t = 0.0
-                if time.time() - t > BREAKER_STALE_S:
-                    self.objects.delete(breaker, got[1])  # that breaker only, not a newer one
+            got = self.objects.get(breaker)
+            if got is not None and self.watch.unchanged_for(f"{name}.break", got[1]) >= BREAKER_STALE_S:
+                self.objects.delete(breaker, got[1])  # that breaker only, not a newer one
+                self.watch.forget(f"{name}.break")
             return False
         try:
             info, etag = self._read(path)  # re-read under the breaker: still stale?
-            if not self.stale(info):
+            if not self.stale(name, info):
                 return False
+            new["token"] = max(new["token"], _int((info or {}).get("token")) + 1)
             if etag is None:
-                return self._create(name)  # released meanwhile
-            return self.objects.replace(path, self._body(), etag)  # only the version judged stale
+                return self.objects.create(path, encode(new)) is not None  # released meanwhile
+            return self.objects.replace(path, encode(new), etag)  # only the version judged stale
         finally:
             self.objects.delete(breaker, mine)
 
-    def _renew(self, name: str) -> bool:
+    def _replace_mine(self, name: str, mine: dict | None, new: dict) -> bool:
         path = self._path(name)
         info, etag = self._read(path)
-        return self.mine(info) and self.objects.replace(path, self._body(), etag)
+        return etag is not None and self._same(info, mine) and self.objects.replace(path, encode(new), etag)
 
-    def _delete_mine(self, name: str) -> None:
+    def _renew(self, name: str, mine: dict | None) -> dict | None:
         path = self._path(name)
         info, etag = self._read(path)
-        if self.mine(info):
+        if etag is None or not self._same(info, mine):
+            return None
+        new = {**info, "renewals": _int(info.get("renewals")) + 1, "ttl": self.ttl}
+        return new if self.objects.replace(path, encode(new), etag) else None
+
+    def _release(self, name: str, mine: dict | None) -> None:
+        path = self._path(name)
+        info, etag = self._read(path)
+        if etag is not None and self._same(info, mine):
             self.objects.delete(path, etag)

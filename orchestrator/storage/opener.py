@@ -32,7 +32,9 @@ def open_store(root: str | os.PathLike, cache_dir: str | None = None) -> Artifac
 
 def open_leases(store: ArtifactStore | "ObjectStore" | str, owner: Owner,
                 ttl: float = DEFAULT_TTL_S) -> Leases | "ObjectLeases":
-    """The leases that go with a store: `Leases` beside an ArtifactStore, `ObjectLeases` beside an ObjectStore."""
+    """The leases that go with a store: `Leases` beside an ArtifactStore, `ObjectLeases` beside an ObjectStore.
+    A backend without conditional writes (gs://, az://, ... in this fsspec) raises UserError, one line
+    naming it, unless DDRAY_SINGLE_DRIVER=1 (see `orchestrator.storage.objects`)."""
     store = open_store(store) if isinstance(store, (str, os.PathLike)) else store
     if isinstance(store, ObjectStore):
         return ObjectLeases(store, owner, ttl)

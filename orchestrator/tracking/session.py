@@ -12,12 +12,14 @@ import json
 import time
 
 from orchestrator.storage.files import atomic_write_json
-from orchestrator.storage.leases import Leases
+from orchestrator.storage.leases import DEFAULT_TTL_S, Leases
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.studies import driver_live, drivers_of
 from orchestrator.tracking.tracker import Tracker, TrackingQueue, reason, redact_text
 
-STUDY_LOCK_WAIT_S = 60.0
+# two TTLs: a lock left by a crashed driver elsewhere is taken once it has not moved for one TTL, as the
+# reader measures it (it must first watch it for that long)
+STUDY_LOCK_WAIT_S = 2 * DEFAULT_TTL_S
 
 
 class TrackingSession:
@@ -54,7 +56,8 @@ class TrackingSession:
         try:
             path = self.store.study_dir(self.study_id) / "parent.json"
             known = json.loads(path.read_text()).get("run_id") if path.exists() else None
-            run_id = self.tracker.start_parent(self.study_id, known, name, spec_hash, spec_text, version)
+            run_id = self.tracker.start_parent(self.study_id, known, name, spec_hash,
+                                               redact_text(spec_text, self.tracker.uri), version)
             atomic_write_json(path, {"run_id": run_id, "experiment_id": self.tracker.experiment_id,
                                      "tracking_uri": self.tracker.safe_uri})
             return run_id
@@ -98,7 +101,7 @@ class TrackingSession:
 
     def failed(self, label: str, key: str, kind: str, error: str) -> None:
         if self.queue is not None:
-            self.queue.failure(label, key, kind, error)
+            self.queue.failure(label, key, kind, redact_text(error, self.tracker.uri))  # a tag on a FAILED run
 
     def remember_complete(self, keys) -> None:
         """Note in the store that every stage of this graph has its FINISHED run (a later no-op submit skips MLflow)."""

@@ -41,6 +41,8 @@ from orchestrator.errors import UserError, first_line
 from orchestrator.spec.claims import safe_name
 from orchestrator.spec.paths import sqlite_file
 from orchestrator.stages.base import Stage
+from orchestrator.tracking.secrets import redact_text as _redact_text
+from orchestrator.tracking.secrets import strip_password
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -64,21 +66,18 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 def redact(uri: str) -> str:
-    """The URI without its password (and without a token in the query string); otherwise unchanged."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    out = uri
-    if parts.password:
-        out = out.replace(f":{parts.password}@", "@", 1)
-    return re.sub(r"(?i)([?&](?:password|token|secret|access_token)=)[^&]*", r"\1***", out)
+    """The URI without its password (and with secret query parameters masked), still usable: stored in the
+    study record and passed to a cluster's driver, which take the password from their environment
+    (MLFLOW_TRACKING_PASSWORD, PGPASSWORD). One redaction for all of ddray: `orchestrator.tracking.secrets`."""
+    return strip_password(uri)
 
 
-def redact_text(text: str, uri: str) -> str:
-    """`text` with the password of `uri` (if any) replaced wherever it appears."""
-    password = urlsplit(uri).password if "://" in uri else None
-    return text.replace(password, "***") if password else text
+def redact_text(text: str, uri: str | None = None) -> str:
+    """`text` with every URI and secret-named value redacted (`secrets.redact_text`); the password of `uri`,
+    if one is given, is also masked wherever it appears out of a URI (an error quoting it alone)."""
+    out = _redact_text(text)
+    password = urlsplit(uri).password if uri and "://" in uri else None
+    return out.replace(password, "***") if password else out
 
 
 def check_uri(uri: str) -> None:

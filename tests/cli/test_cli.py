@@ -255,3 +255,36 @@ def test_resources_larger_than_the_cluster_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "resources.distill.gpus: 1 requested but the largest Ray node has 0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_huge_option_grid_is_refused_by_validate_in_one_line_without_enumerating_it(tmp_path):
+    """5 MTT options x 40 values (102,400,000 points, a few KB of YAML) through `--max-stages 10`: counted
+    from the spec, refused before any point is built (the timeout only guards against a hang)."""
+    def mutate(d):
+        d["ptm_pools"].append({"name": "experts", "dataset": d["datasets"][0]["name"], "architectures": ["convnet"],
+                               "recipe": "expert", "epochs": 3})
+        d["distillation"].update(methods=["dm", "mtt"], trajectories="experts", options={"mtt": {
+            "syn_steps": list(range(1, 41)), "expert_epochs": list(range(1, 41)),
+            "max_start_epoch": list(range(1, 41)), "lr_lr": [i * 1e-6 for i in range(1, 41)],
+            "lr_teacher": [i * 1e-3 for i in range(1, 41)]}})
+    spec = write_spec(tmp_path, mutate)
+    r = subprocess.run([sys.executable, "-m", "cli.main", "study", "validate", str(spec), "--max-stages", "10"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=60, check=False)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "distillation.options.mtt: the option grid has 102,400,000 points" in lines[0]
+    assert "more than --max-stages 10" in lines[0] and "Traceback" not in r.stderr + r.stdout
+
+
+def test_results_and_report_on_a_damaged_store_are_one_line_not_an_internal_error(tmp_path):
+    from tests.orchestrator.execution.test_damaged import damaged_study
+
+    spec, *_ = damaged_study(tmp_path)
+    for args in (("results", spec.study_id), ("report", spec.study_id, "--out", tmp_path / "report", "--no-log")):
+        r = ddray("study", *args, "--store", tmp_path / "store", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, r.stderr
+        assert "damaged" in lines[0] and "resubmit" in lines[0] and "internal error" not in r.stderr

@@ -238,3 +238,46 @@ def test_a_guidance_restriction_names_methods_and_ipcs_of_the_study(mutate, expe
 def test_a_guidance_restriction_within_the_study_is_valid():
     spec = spec_of(restrict(methods="dm", ipc=10))  # a scalar is a one-point list, as on every grid axis
     assert (spec.distillation.guidance[1].methods, spec.distillation.guidance[1].ipc) == (["dm"], [10])
+
+
+def five_by_forty_options(d):
+    """5 MTT options x 40 values: 102,400,000 points from a few KB of spec."""
+    with_expert_pool(d)
+    d["distillation"]["options"] = {"mtt": {
+        "syn_steps": list(range(1, 41)), "expert_epochs": list(range(1, 41)), "max_start_epoch": list(range(1, 41)),
+        "lr_lr": [i * 1e-6 for i in range(1, 41)], "lr_teacher": [i * 1e-3 for i in range(1, 41)]}}
+
+
+def test_a_huge_option_grid_is_checked_axis_by_axis_not_point_by_point():
+    from distill_core.methods import METHODS
+    from orchestrator.spec.checks import checked_points
+    spec = spec_of(five_by_forty_options)  # returns: not 102,400,000 model validations (nor a MemoryError)
+    axes = spec.distillation.options["mtt"]
+    points = list(checked_points(METHODS["mtt"].options, axes))
+    assert len(points) == 1 + 5 * 39  # the first point, then each other value of each axis once
+    assert {p["lr_teacher"] for p in points} == set(axes["lr_teacher"])
+
+
+def test_a_bad_value_on_the_last_axis_of_a_huge_grid_is_still_refused():
+    def mutate(d):
+        five_by_forty_options(d)
+        d["distillation"]["options"]["mtt"]["lr_teacher"][-1] = 0
+    assert "distillation.options.mtt.lr_teacher[39]: must be > 0.0" in errors_of(mutate)
+
+
+def test_a_model_with_a_cross_field_validator_is_run_on_at_most_the_first_points():
+    from pydantic import model_validator
+
+    from distill_core.methods import Options
+    from orchestrator.spec.checks import MAX_CHECKED_POINTS, checked_points
+
+    class Crossed(Options):
+        a: int = 1
+        b: int = 1
+
+        @model_validator(mode="after")
+        def a_below_b(self):
+            return self
+
+    points = checked_points(Crossed, {"a": list(range(1000)), "b": list(range(1000))})
+    assert sum(1 for _ in points) == MAX_CHECKED_POINTS

@@ -3,9 +3,41 @@
 import json
 import os
 import threading
+import time
+import types
 
+import pytest
+
+from orchestrator.storage import leases as leases_module
 from orchestrator.storage.files import HOST
-from orchestrator.storage.leases import Leases, Owner
+from orchestrator.storage.leases import BREAKER_STALE_S, Leases, Owner
+
+
+class ReaderClock:
+    """The leases' `time.monotonic` (the reader's own clock, the only one staleness is judged by), moved on
+    by hand; only orchestrator.storage.leases sees it (asyncio and the S3 client keep the real clock)."""
+
+    def __init__(self, monkeypatch):
+        self.offset = 0.0
+        clock = self
+
+        class Time(types.ModuleType):  # the time module, but for monotonic
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            @staticmethod
+            def monotonic():
+                return time.monotonic() + clock.offset
+
+        monkeypatch.setattr(leases_module, "time", Time("time"))
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    return ReaderClock(monkeypatch)
 
 
 def test_one_holder_at_a_time_and_release(tmp_path):
@@ -16,7 +48,7 @@ def test_one_holder_at_a_time_and_release(tmp_path):
     assert b.acquire("k") and not a.acquire("k")
 
 
-def test_an_expired_or_dead_owners_lease_is_taken_over(tmp_path):
+def test_an_expired_or_dead_owners_lease_is_taken_over(tmp_path, clock):
     a, b = Leases(tmp_path, Owner.here(), ttl=60), Leases(tmp_path, Owner.here())
     assert a.acquire("k")
     path = tmp_path / "leases" / "k.json"
@@ -25,39 +57,42 @@ def test_an_expired_or_dead_owners_lease_is_taken_over(tmp_path):
     assert b.acquire("k")
     a.renew()  # the old holder notices it lost the lease
     assert "k" not in a.held and json.loads(path.read_text())["driver"] == b.owner.driver
-    path.write_text(json.dumps({**json.loads(path.read_text()), "host": "elsewhere", "expires": 0}))
-    assert a.acquire("k")  # another host's lease that expired
+    path.write_text(json.dumps({**json.loads(path.read_text()), "host": "elsewhere"}))
+    assert not a.acquire("k")  # another host's lease, first seen now: a full TTL of no change first
+    clock.advance(61)
+    assert a.acquire("k")  # another host's lease whose counter did not move for a TTL (a's own clock)
 
 
 def test_a_live_lease_of_another_host_is_respected_until_it_expires(tmp_path):
     b = Leases(tmp_path, Owner.here())
     (tmp_path / "leases").mkdir()
     (tmp_path / "leases" / "k.json").write_text(json.dumps(
-        {"driver": "x", "host": "elsewhere", "pid": 1, "expires": 4e9}))
+        {"driver": "x", "host": "elsewhere", "pid": 1, "renewals": 0}))
     assert not b.acquire("k")
 
 
-def test_renew_pushes_the_expiry_and_keeps_the_owner(tmp_path):
+def test_renew_bumps_the_counter_and_keeps_the_owner(tmp_path):
     a = Leases(tmp_path, Owner.here(), ttl=5)
     a.acquire("k")
-    before = json.loads((tmp_path / "leases" / "k.json").read_text())["expires"]
+    before = json.loads((tmp_path / "leases" / "k.json").read_text())
     a.ttl = 500
     a.renew()
     after = json.loads((tmp_path / "leases" / "k.json").read_text())
-    assert after["expires"] > before + 100 and after["driver"] == a.owner.driver and after["host"] == HOST
+    assert after["renewals"] == before["renewals"] + 1 and after["ttl"] == 500 and after["token"] == before["token"]
+    assert after["driver"] == a.owner.driver and after["host"] == HOST
 
 
 def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(tmp_path):
     (tmp_path / "leases").mkdir()
     (tmp_path / "leases" / "k.json").write_text(json.dumps(
-        {"driver": "gone", "host": HOST, "pid": 2**22 + 77, "expires": 4e9}))
+        {"driver": "gone", "host": HOST, "pid": 2**22 + 77}))
     takers = [Leases(tmp_path, Owner(f"d{i}", HOST, os.getpid())) for i in range(8)]
     won = race(takers, "k")
     assert len(won) == 1
     assert json.loads((tmp_path / "leases" / "k.json").read_text())["driver"] == won[0]
 
 
-def test_a_lease_is_never_seen_empty_and_an_unreadable_one_is_held_until_old(tmp_path):
+def test_a_lease_is_never_seen_empty_and_an_unreadable_one_is_held_until_old(tmp_path, clock):
     """Creation writes the whole file under its name at once (a driver that read an empty lease
     judged it stale and computed the stage too: a duplicate the concurrent-submit test caught)."""
     a, b = Leases(tmp_path, Owner.here()), Leases(tmp_path, Owner.here())
@@ -65,10 +100,9 @@ def test_a_lease_is_never_seen_empty_and_an_unreadable_one_is_held_until_old(tmp
     assert json.loads((tmp_path / "leases" / "s.json").read_text())["driver"] == a.owner.driver
     assert not list((tmp_path / "leases").glob(".*.tmp"))  # the temp file is gone
     (tmp_path / "leases" / "t.json").write_text("")  # as if half-written by something else
-    assert not b.acquire("t")  # young: held
-    old = os.path.getmtime(tmp_path / "leases" / "t.json") - 60
-    os.utime(tmp_path / "leases" / "t.json", (old, old))
-    assert b.acquire("t")  # old and unreadable: stale
+    assert not b.acquire("t")  # first seen: held
+    clock.advance(BREAKER_STALE_S + 1)
+    assert b.acquire("t")  # unreadable and unchanged for a while (b's own clock): stale
 
 
 def test_many_threads_creating_one_lease_give_exactly_one_holder(tmp_path):

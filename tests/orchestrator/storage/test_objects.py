@@ -17,11 +17,11 @@ import torch
 
 from orchestrator.storage import objects as objmod
 from orchestrator.storage.files import HOST, CorruptArtifact, tensors_to_bytes
-from orchestrator.storage.leases import Leases, Owner
+from orchestrator.storage.leases import BREAKER_STALE_S, Leases, Owner
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.objects import ObjectLeases, ObjectStore, default_cache_dir
 from orchestrator.storage.opener import open_leases, open_store
-from tests.orchestrator.storage.test_leases import race
+from tests.orchestrator.storage.test_leases import ReaderClock, race
 from tests.servers import moto_s3
 
 DEAD_PID = 2**22 + 4321  # above pid_max: never a live process
@@ -48,6 +48,12 @@ def _server_requests(server, store: ObjectStore, method: str, path: str) -> int:
         time.sleep(0.05)
     time.sleep(0.2)
     return sum(1 for line in server["log"].read_text().splitlines() if f"{method} /{path} " in line)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The leases' monotonic clock (the reader's), moved on by hand."""
+    return ReaderClock(monkeypatch)
 
 
 # --- stores on each backend --------------------------------------------------------------------------
@@ -452,7 +458,7 @@ def test_one_holder_at_a_time_and_release(lease_url, tmp_path):
     assert b.held == set() and a.acquire("k")
 
 
-def test_an_expired_or_dead_owners_lease_is_taken_over(lease_url, tmp_path):
+def test_an_expired_or_dead_owners_lease_is_taken_over(lease_url, tmp_path, clock):
     files = LeaseFiles(lease_url, tmp_path)
     a, b = ObjectLeases(lease_url, Owner.here(), ttl=60), ObjectLeases(lease_url, Owner.here())
     assert a.acquire("k")
@@ -463,26 +469,29 @@ def test_an_expired_or_dead_owners_lease_is_taken_over(lease_url, tmp_path):
     a.held.add("k")
     a.release("k")  # a release by a former holder does not delete the new holder's lease
     assert files.read()["driver"] == b.owner.driver
-    files.write({**files.read(), "host": "elsewhere", "expires": 0})
-    assert a.acquire("k")  # another host's lease that expired
+    files.write({**files.read(), "host": "elsewhere"})
+    assert not a.acquire("k")  # another host's lease, first seen now: a full TTL of no change first
+    clock.advance(61)
+    assert a.acquire("k")  # another host's lease whose counter did not move for a TTL (a's own clock)
 
 
 def test_a_live_lease_of_another_host_is_respected_until_it_expires(lease_url, tmp_path):
     files = LeaseFiles(lease_url, tmp_path)
-    files.write({"driver": "x", "host": "elsewhere", "pid": 1, "expires": 4e9})
+    files.write({"driver": "x", "host": "elsewhere", "pid": 1, "renewals": 0})
     b = ObjectLeases(lease_url, Owner.here())
     assert not b.acquire("k") and files.read()["driver"] == "x"
 
 
-def test_renew_pushes_the_expiry_and_keeps_the_owner(lease_url, tmp_path):
+def test_renew_bumps_the_counter_and_keeps_the_owner(lease_url, tmp_path):
     files = LeaseFiles(lease_url, tmp_path)
     a = ObjectLeases(lease_url, Owner.here(), ttl=5)
     a.acquire("k")
-    before = files.read()["expires"]
+    before = files.read()
     a.ttl = 500
     a.renew()
     after = files.read()
-    assert after["expires"] > before + 100 and after["driver"] == a.owner.driver and after["host"] == HOST
+    assert after["renewals"] == before["renewals"] + 1 and after["ttl"] == 500 and after["token"] == before["token"]
+    assert after["driver"] == a.owner.driver and after["host"] == HOST
     assert a.held == {"k"}
 
 
@@ -493,7 +502,7 @@ def test_renew_does_not_overwrite_a_takeover_that_lands_meanwhile(lease_url, tmp
     replace = a.objects.replace
 
     def taken_over_first(path, data, etag):  # between a's read and a's write, another driver takes over
-        files.write({"driver": "taker", "host": HOST, "pid": os.getpid(), "expires": 4e9})
+        files.write({"driver": "taker", "host": HOST, "pid": os.getpid(), "token": 9})
         return replace(path, data, etag)
 
     monkeypatch.setattr(a.objects, "replace", taken_over_first)
@@ -501,14 +510,17 @@ def test_renew_does_not_overwrite_a_takeover_that_lands_meanwhile(lease_url, tmp
     assert "k" not in a.held and files.read()["driver"] == "taker"
 
 
-def test_a_stale_breaker_is_cleared_and_a_fresh_one_respected(lease_url, tmp_path):
+def test_a_stale_breaker_is_cleared_and_a_fresh_one_respected(lease_url, tmp_path, clock):
     files = LeaseFiles(lease_url, tmp_path)
-    files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID, "expires": 4e9})
+    files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID})
     files.write({"driver": "breaking", "t": time.time()}, name="k.json.break")
     b = ObjectLeases(lease_url, Owner.here())
     assert not b.acquire("k") and files.exists("k.json.break")  # someone is breaking it right now
-    files.write({"driver": "died-breaking", "t": time.time() - 60}, name="k.json.break")
-    assert not b.acquire("k") and not files.exists("k.json.break")  # left by a dead taker: removed
+    clock.advance(BREAKER_STALE_S / 2)
+    files.write({"driver": "breaking-again", "t": time.time()}, name="k.json.break")
+    assert not b.acquire("k") and files.exists("k.json.break")  # changed: a new breaker, timed afresh
+    clock.advance(BREAKER_STALE_S + 1)
+    assert not b.acquire("k") and not files.exists("k.json.break")  # unchanged for a while (b's clock): removed
     assert b.acquire("k") and files.read()["driver"] == b.owner.driver and not files.exists("k.json.break")
 
 
@@ -516,7 +528,7 @@ def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(lease_ur
     files = LeaseFiles(lease_url, tmp_path)
     for round_ in range(3):
         name = f"k{round_}"
-        files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID, "expires": 4e9}, name=f"{name}.json")
+        files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID}, name=f"{name}.json")
         takers = [ObjectLeases(lease_url, Owner(f"d{round_}-{i}", HOST, os.getpid())) for i in range(8)]
         won = race(takers, name)
         assert len(won) == 1
