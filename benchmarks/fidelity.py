@@ -165,7 +165,7 @@ def run_one(method: str, ipc: int, real: RealData, ds, budget: dict, name: str, 
                         arch_options={"width": budget["width"]}, batch_real=budget["batch_real"],
                         init=budget["init"].get(method, record.init),
                         augment=dsa_strategy(source) if record.augment else None,
-                        seed=0, log_every=10**9, options=options)
+                        seed=0, log_every=max(1, iterations), options=options)  # first and last iteration only
     t0 = time.perf_counter()
     syn = record.distill(real, cfg, experts=experts if record.needs_experts else None)
     distill_s = time.perf_counter() - t0
