@@ -122,6 +122,12 @@ class Scheduler:
             if self.waiting[dep] == 0 and self.log.states[dep] == "pending":
                 self._ready(dep)
 
+    def _reused(self, key: str, **extra) -> None:
+        """Another driver's result stands for this stage: its dependents may start."""
+        self.blocked.discard(key)
+        self._set(key, "reused", **extra)
+        self._done(key)
+
     def _skip_dependents(self, key: str) -> None:
         stack = [key]
         while stack:
@@ -135,19 +141,16 @@ class Scheduler:
         """Reuse it from the store, compute it under its lease, or wait for the driver that holds it."""
         stage = self.graph.stages[key]
         if self.store.is_complete(stage.kind, key):
-            self.blocked.discard(key)
-            self._set(key, "reused")
-            self._done(key)
+            self._reused(key)
             return
         if not self.leases.acquire(key):
             self.blocked.add(key)
             return
-        self.blocked.discard(key)
         if self.store.is_complete(stage.kind, key):  # another driver published it between the check and acquire
             self.leases.release(key)
-            self._set(key, "reused")
-            self._done(key)
+            self._reused(key)
             return
+        self.blocked.discard(key)
         if self.store.exists(stage.kind, key) and not self.store.is_complete(stage.kind, key, full=True):
             self.store.quarantine(stage.kind, key)  # verified twice, under the lease: damaged
             self.emit({"type": "warning", "message": f"stored stage {stage.label} was damaged; rebuilding"})
@@ -166,8 +169,7 @@ class Scheduler:
                 self.emit({"type": "warning", "message": f"{stage.label}: this driver lost its lease while the stage "
                                                          f"ran (taken over, or not renewed in time); its result is "
                                                          f"not logged as this driver's"})
-                self._set(key, "reused", attempts=attempts)
-                self._done(key)
+                self._reused(key, attempts=attempts)
                 return
             run, metrics = result.get("run", {}), result.setdefault("metrics", {})
             if submitted is not None and run.get("started"):

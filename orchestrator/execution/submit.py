@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,8 +255,6 @@ def preflight(spec: StudySpec, store, graph: StageGraph, uri: str, address: str 
     A stage is cached when the store holds it complete by its files' sizes; the cached stages no other
     stage of the graph reads (leaves: evaluations) are verified by their full checksums too, since no
     worker will read them and find the damage: a damaged one is quarantined and rebuilt (not cached)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     check_uri(uri)
     if address:
         check_reachable(address)
