@@ -209,7 +209,8 @@ def study_status(study_id: str, json_out: bool = typer.Option(False, "--json", m
         out.print(f"study {study_id}: [bold]{status['state']}[/bold] (job {status['job']}: {status['job_status']})",
                   highlight=False)
         view = render.ProgressView(out)
-        view.study_id, view.stages = study_id, status["stages"]
+        view.show(study_id, status["stages"])
+        view.progress.tally = status["tally"]  # every stage, also those the job's events never named
         out.print(view.render())
         return
     rec = orchestrator.load_record(_store(store), study_id)
@@ -223,7 +224,7 @@ def study_status(study_id: str, json_out: bool = typer.Option(False, "--json", m
         print(render.json_line(summary))
         return
     view = render.ProgressView(out)
-    view.study_id, view.stages = rec["study_id"], rec["stages"]
+    view.show(rec["study_id"], rec["stages"])
     out.print(f"study {rec['study_id']}: [bold]{rec['state']}[/bold] (submit {summary['attempts']}, "
               f"store {escape(str(rec.get('store_root') or ''))}, tracking {summary['tracking_uri']}, "
               f"parent run {summary['parent_run_id']})", highlight=False)

@@ -63,24 +63,29 @@ class ProgressView:
     def stages(self) -> dict[str, dict]:
         return self.progress.stages
 
+    def show(self, study_id: str, stages: dict[str, dict]) -> None:
+        """A study's stages as its record (or a job's events) gives them, for `ddray study status`."""
+        self.study_id = study_id
+        self.progress.load(stages)
+
     def __call__(self, event: dict) -> None:
         t = event["type"]
         if t == "start":
             self.study_id = event["study_id"]
-            self.progress.start(event["stages"])
+            self.progress.start(event["counts"])
             self.console.print(f"study [bold]{escape(self.study_id)}[/bold] (store {event.get('store')}, tracking "
                                f"{event.get('tracking_uri')}, MLflow parent run {event['parent_run_id']})",
                                highlight=False)
             if self.console.is_terminal:
                 self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
                 self.live.start()
-        elif t == "stage" and event["key"] in self.stages:
-            st = self.progress.stage(event["key"], event["state"], event.get("run_s"))
+        elif t == "stage" and (st := self.progress.stage(event["key"], event["state"], event.get("run_s"),
+                                                           event.get("kind"), event.get("label"))) is not None:
             if event["state"] == "failed":
                 self.notes.append(f"[red]failed[/red] {escape(st['label'])}: {escape(event.get('error', ''))}")
             if self.live is None and event["state"] in ("executed", "failed", "reused"):
                 done = self.progress.finished()
-                self.console.print(f"[{done}/{len(self.stages)}] {event['state']} {st['label']}"
+                self.console.print(f"[{done}/{self.progress.total()}] {event['state']} {st['label']}"
                                    + (f": {event.get('error')}" if event.get("error") else ""),
                                    markup=False, highlight=False)
         elif t == "progress" and event["key"] in self.stages:

@@ -263,7 +263,8 @@ SECRET_WORD = r"(?:password|passwd|secret|token|api[_-]?key|credentials?)"
 SECRET_KEY_RE = re.compile(rf"(?<![\w.-])([\w.-]*{SECRET_WORD}[\w.-]*)\s*[:=]\s*(\S*)", re.I)
 # Keys that name or locate a secret instead of holding one.
 NOT_A_SECRET_KEY = re.compile(r"(?:ref|name|path|file|dir|mode|type|len|length|url)$", re.I)
-ALLOWED_VALUE = re.compile(r"""^(?:$|#|["']?\$|["']?<|\*{3}|\.{3}|""|''|null$|~$|\|$|>$)""")
+# A boolean is never a credential (automountServiceAccountToken: false).
+ALLOWED_VALUE = re.compile(r"""^(?:$|#|["']?\$|["']?<|\*{3}|\.{3}|""|''|null$|~$|true$|false$|\|$|>$)""")
 DEFAULTED_VAR_RE = re.compile(rf"\$\{{([\w]*{SECRET_WORD}[\w]*):?-([^}}]*)\}}", re.I)
 URI_PASSWORD_RE = re.compile(r"""://[^\s/:@'"{}]+:([^\s@/'"]+)@""")
 BEARER_RE = re.compile(r"Bearer\s+([^\s'\"]+)")
@@ -892,6 +893,7 @@ def test_credential_scan_catches_literals(text):
         "secretName: ddray-ray-token",
         "RAY_AUTH_MODE=token",
         'curl -H "Authorization: Bearer $RAY_AUTH_TOKEN" http://localhost:8265/api/jobs/',
+        "automountServiceAccountToken: false",
     ],
 )
 def test_credential_scan_allows_references(text):
@@ -971,3 +973,300 @@ def test_readme_explains_the_locked_down_access():
     name, key = secret_ref(entries["RAY_AUTH_TOKEN"])
     assert key == "auth_token" and name in documented_secrets()
     assert "submitter" in fallback
+
+
+# --- hardening: pod security and network policies ----------------------------
+
+NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace; nobody can fake it
+# The uid each image runs as: deploy/Dockerfile and deploy/mlflow/Dockerfile create uid 1000, and the
+# official postgres image's postgres user is 999.
+IMAGE_UIDS = {"ddray": 1000, "ddray-mlflow": 1000, "postgres": 999}
+# Pod templates in deploy/: RayCluster head + 2 groups, RayJob submitter + head + 2 groups,
+# the PostgreSQL StatefulSet and the MLflow Deployment.
+EXPECTED_POD_SPECS = 9
+PRIVATE_RANGES = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"}
+
+
+def pod_specs(node, where: str = "") -> list[tuple[str, dict]]:
+    """Every pod spec inside a parsed document: any dict with a `containers` list, wherever it sits."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            found.append((where, node))
+        for key, value in node.items():
+            found += pod_specs(value, f"{where}.{key}" if where else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += pod_specs(value, f"{where}[{i}]")
+    return found
+
+
+def all_pod_specs() -> list[tuple[str, dict]]:
+    return [
+        (f"{p.relative_to(DEPLOY).as_posix()}:{d['kind']}/{d['metadata']['name']}:{where}", spec)
+        for p, d in k8s_docs()
+        for where, spec in pod_specs(d)
+    ]
+
+
+def image_uid(image: str) -> int | None:
+    return IMAGE_UIDS.get(image.rsplit("/", 1)[-1].split(":")[0])
+
+
+def pod_hardening_problems(spec: dict) -> list[str]:
+    """What a pod spec lacks of the hardening in deploy/README.md ("Hardening"); empty when none."""
+    problems = []
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append("automountServiceAccountToken is not false")
+    pod_sc = spec.get("securityContext") or {}
+    if (pod_sc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append("pod seccompProfile is not RuntimeDefault")
+    if pod_sc.get("runAsNonRoot") is not True:
+        problems.append("pod runAsNonRoot is not true")
+    claims = {v["name"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    local = {v["name"] for v in spec.get("volumes", [])}
+    containers = [*spec.get("initContainers", []), *spec["containers"]]
+    if not containers:
+        problems.append("no containers")
+    for c in containers:
+        name, sc = c.get("name"), c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if caps.get("drop") != ["ALL"] or caps.get("add"):
+            problems.append(f"{name}: capabilities are not drop [ALL] with nothing added")
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if sc.get("runAsNonRoot") is not True:
+            problems.append(f"{name}: runAsNonRoot is not true")
+        uid = sc.get("runAsUser")
+        if not isinstance(uid, int) or uid == 0 or uid != image_uid(c.get("image", "")):
+            problems.append(f"{name}: runAsUser {uid!r} is not the uid of {c.get('image')} (IMAGE_UIDS)")
+        # A volume the container writes (a PVC, or a StatefulSet claim template, which is not in
+        # `volumes`) needs fsGroup to be the container's group.
+        group = sc.get("runAsGroup", pod_sc.get("runAsGroup", uid))
+        for m in c.get("volumeMounts", []):
+            persistent = m["name"] in claims or m["name"] not in local
+            if persistent and not m.get("readOnly") and pod_sc.get("fsGroup") != group:
+                problems.append(f"{name}: writes volume {m['name']} but fsGroup is {pod_sc.get('fsGroup')!r}, not {group}")
+    return problems
+
+
+def test_every_pod_spec_is_found():
+    found = all_pod_specs()
+    assert len(found) >= EXPECTED_POD_SPECS, [where for where, _ in found]
+    kinds = {where.split(":")[1].split("/")[0] for where, _ in found}
+    assert kinds == {"RayCluster", "RayJob", "StatefulSet", "Deployment"}
+    assert any("submitterPodTemplate" in where for where, _ in found)
+
+
+@pytest.mark.parametrize("where,spec", all_pod_specs(), ids=[where for where, _ in all_pod_specs()])
+def test_every_pod_is_hardened(where, spec):
+    problems = pod_hardening_problems(spec)
+    assert not problems, f"{where}:\n" + "\n".join(problems)
+
+
+def test_pod_hardening_check_catches_gaps():
+    good = {
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "x"}}],
+        "containers": [{
+            "name": "c", "image": "registry.example.org/ddray:latest",
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000},
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        }],
+    }
+    assert pod_hardening_problems(good) == []
+    container = good["containers"][0]
+    for change in (
+        lambda s: s.pop("automountServiceAccountToken"),
+        lambda s: s["securityContext"].pop("seccompProfile"),
+        lambda s: s["securityContext"].pop("fsGroup"),
+        lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["NET_ADMIN"]),
+        lambda s: s["containers"][0]["securityContext"].update(runAsUser=999),
+        lambda s: s["containers"][0]["securityContext"].pop("runAsNonRoot"),
+        lambda s: s.update(initContainers=[{"name": "init", "image": "ddray:latest"}]),
+    ):
+        spec = yaml.safe_load(yaml.safe_dump(good))
+        change(spec)
+        assert pod_hardening_problems(spec), spec
+    assert container["securityContext"]["runAsUser"] == 1000  # the copies were changed, not `good`
+
+
+def test_image_uids_match_the_dockerfiles():
+    for dockerfile, image in ((DEPLOY / "Dockerfile", "ddray"), (MLFLOW / "Dockerfile", "ddray-mlflow")):
+        users = [rest for instr, rest in dockerfile_instructions(dockerfile) if instr == "USER"]
+        assert int(users[-1].split(":")[0]) == IMAGE_UIDS[image], dockerfile
+    uids = {m.group(1) for m in re.finditer(r"useradd --uid (\d+)", (DEPLOY / "Dockerfile").read_text())}
+    assert uids == {str(IMAGE_UIDS["ddray"])}
+
+
+def test_compose_services_are_hardened():
+    images = {"postgres": 999, "mlflow": IMAGE_UIDS["ddray-mlflow"]}
+    for name, svc in compose()["services"].items():
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert svc.get("cap_drop") == ["ALL"] and not svc.get("cap_add"), name
+        assert svc.get("read_only") is True, name
+        assert "/tmp" in svc.get("tmpfs", []), name
+        assert not svc.get("privileged"), name
+        # Without `user`, the image's USER applies (checked in test_image_uids_match_the_dockerfiles).
+        user = str(svc.get("user", images[name])).split(":")[0]
+        assert user not in ("0", "root") and int(user) == images[name], name
+
+
+def peer_problems(peer: dict) -> list[str]:
+    """A NetworkPolicy peer that could match pods of other namespaces than the one it names."""
+    if "ipBlock" in peer:
+        return []
+    if "namespaceSelector" not in peer:
+        return []  # a bare podSelector: the policy's own namespace only
+    ns = peer["namespaceSelector"] or {}
+    labels = ns.get("matchLabels") or {}
+    if ns.get("matchExpressions") or list(labels) != [NAMESPACE_NAME] or not labels[NAMESPACE_NAME]:
+        return [f"namespaceSelector {ns} does not name one namespace by {NAMESPACE_NAME}"]
+    if selector_is_empty(peer.get("podSelector")):
+        return [f"every pod of namespace {labels[NAMESPACE_NAME]}: give the peer a podSelector"]
+    return []
+
+
+def policy_peers(np: dict) -> list[dict]:
+    spec = np["spec"]
+    return [p for r in spec.get("ingress") or [] for p in r.get("from") or []] + \
+        [p for r in spec.get("egress") or [] for p in r.get("to") or []]
+
+
+def test_every_networkpolicy_covers_both_directions_and_names_namespaces():
+    policies = docs_of_kind("NetworkPolicy")
+    assert len(policies) >= 5, [np["metadata"]["name"] for np in policies]
+    for np in policies:
+        name = np["metadata"]["name"]
+        assert sorted(np["spec"].get("policyTypes", [])) == ["Egress", "Ingress"], name
+        for peer in policy_peers(np):
+            assert not peer_problems(peer), f"{name}: {peer_problems(peer)}"
+        for r in np["spec"].get("egress") or []:
+            assert r.get("to"), f"{name}: an egress rule without 'to' reaches everything"
+            for peer in r["to"]:
+                block = peer.get("ipBlock")
+                if block and block["cidr"] in ("0.0.0.0/0", "::/0"):
+                    assert PRIVATE_RANGES <= set(block.get("except", [])), f"{name}: open egress reaches the cluster"
+                    assert [p.get("port") for p in r.get("ports", [])] == [443], f"{name}: open egress beyond HTTPS"
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "x"}}},
+        {"namespaceSelector": {"matchLabels": {"ddray.io/ray-client": "true"}}},
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME: "monitoring"}}},
+        {"namespaceSelector": {"matchExpressions": [{"key": NAMESPACE_NAME, "operator": "Exists"}]},
+         "podSelector": {"matchLabels": {"app": "x"}}},
+    ],
+)
+def test_peer_check_catches_other_namespaces(peer):
+    assert peer_problems(peer)
+
+
+def test_named_namespaces_are_documented():
+    readme = (DEPLOY / "README.md").read_text()
+    assert "## Hardening" in readme
+    names = {p["namespaceSelector"]["matchLabels"][NAMESPACE_NAME]
+             for np in docs_of_kind("NetworkPolicy") for p in policy_peers(np) if "namespaceSelector" in p}
+    assert names >= {"kube-system", "kuberay-system"}
+    for ns in names:
+        assert f"`{ns}`" in readme, f"namespace {ns} of the NetworkPolicies is not in deploy/README.md"
+
+
+def rule_admits(rule: dict, port: int, protocol: str = "TCP") -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports)
+
+
+def peer_matches(peer: dict, labels: dict[str, str], namespace: str | None) -> bool:
+    """Whether a peer matches a pod with `labels` in `namespace` (None: the policy's own)."""
+    if "ipBlock" in peer:
+        return False
+    ns = (peer.get("namespaceSelector") or {}).get("matchLabels")
+    if (ns or {}).get(NAMESPACE_NAME) != namespace:
+        return False
+    return selector_matches(peer.get("podSelector"), labels)
+
+
+def egress_reaches(source: dict[str, str], target: dict[str, str] | None, port: int, protocol: str = "TCP",
+                   namespace: str | None = None, policies: list[dict] | None = None) -> bool:
+    """Whether the policies let a pod with labels `source` connect to `target` (None: a public ipBlock)."""
+    policies = docs_of_kind("NetworkPolicy") if policies is None else policies
+    rules = [r for np in policies if "Egress" in np["spec"].get("policyTypes", [])
+             and selector_matches(np["spec"]["podSelector"], source) for r in np["spec"].get("egress") or []]
+    assert rules or target is None, f"no egress rule for {source}"
+    for r in rules:
+        if not rule_admits(r, port, protocol):
+            continue
+        for peer in r["to"]:
+            if target is None and "ipBlock" in peer:
+                return True
+            if target is not None and peer_matches(peer, target, namespace):
+                return True
+    return False
+
+
+def template_labels(kind: str) -> dict[str, str]:
+    (d,) = docs_of_kind(kind)
+    return d["spec"]["template"]["metadata"]["labels"]
+
+
+DNS_POD = {"k8s-app": "kube-dns"}
+
+
+def test_every_pod_is_selected_for_ingress_and_egress():
+    rj = load_one(KUBERAY / "rayjob.yaml")["spec"]
+    pods = {f"{which}/{g}": labels for which in ("RayCluster", "RayJob") for g, labels in ray_cluster_pods(which).items()}
+    pods["submitter"] = rj["submitterPodTemplate"]["metadata"]["labels"]
+    pods["mlflow"], pods["postgres"] = template_labels("Deployment"), template_labels("StatefulSet")
+    nps = docs_of_kind("NetworkPolicy")
+    for name, labels in pods.items():
+        for direction in ("Ingress", "Egress"):
+            assert any(direction in np["spec"]["policyTypes"] and selector_matches(np["spec"]["podSelector"], labels)
+                       for np in nps), f"{name}: no {direction} policy"
+
+
+@pytest.mark.parametrize("which", ["RayCluster", "RayJob"])
+def test_ray_pods_egress(which):
+    pods = ray_cluster_pods(which)
+    mlflow, postgres = template_labels("Deployment"), template_labels("StatefulSet")
+    nps = docs_of_kind("NetworkPolicy")
+    for group, labels in pods.items():
+        for other in pods.values():
+            for port in (HEAD_PORTS["gcs"], 45000):  # the GCS and a worker port (not fixed)
+                assert egress_reaches(labels, other, port, policies=nps), f"{group}: cannot reach {other} on {port}"
+        assert egress_reaches(labels, mlflow, 5000, policies=nps), f"{group}: cannot reach MLflow"
+        assert not egress_reaches(labels, postgres, 5432, policies=nps), f"{group}: reaches PostgreSQL"
+        for protocol in ("UDP", "TCP"):
+            assert egress_reaches(labels, DNS_POD, 53, protocol, "kube-system", nps), f"{group}: no DNS over {protocol}"
+        assert egress_reaches(labels, None, 443, policies=nps), f"{group}: cannot reach an object store over HTTPS"
+        assert not egress_reaches(labels, None, 80, policies=nps), f"{group}: plain HTTP out"
+
+
+def test_submitter_reaches_only_the_head_jobs_api():
+    labels = load_one(KUBERAY / "rayjob.yaml")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    pods = ray_cluster_pods("RayJob")
+    assert egress_reaches(labels, pods["head"], HEAD_PORTS["dashboard"])
+    assert not egress_reaches(labels, pods["head"], HEAD_PORTS["gcs"])
+    assert not egress_reaches(labels, pods["cpu"], HEAD_PORTS["dashboard"])
+    assert egress_reaches(labels, DNS_POD, 53, "UDP", "kube-system")
+
+
+def test_mlflow_and_postgres_egress():
+    mlflow, postgres = template_labels("Deployment"), template_labels("StatefulSet")
+    assert egress_reaches(mlflow, postgres, 5432)
+    assert egress_reaches(mlflow, DNS_POD, 53, "UDP", "kube-system")
+    assert not egress_reaches(mlflow, ray_cluster_pods("RayCluster")["head"], HEAD_PORTS["dashboard"])
+    # PostgreSQL: DNS and nothing else.
+    assert egress_reaches(postgres, DNS_POD, 53, "UDP", "kube-system")
+    assert not egress_reaches(postgres, mlflow, 5000)
+    assert not egress_reaches(postgres, None, 443)
+    rules = [r for np in docs_of_kind("NetworkPolicy") if selector_matches(np["spec"]["podSelector"], postgres)
+             for r in np["spec"].get("egress") or []]
+    assert rules and all({p["port"] for p in r["ports"]} == {53} for r in rules)

@@ -14,27 +14,33 @@ Token authentication (Ray 2.60, `RAY_AUTH_MODE=token`): the token is read as
 Ray reads it (`RAY_AUTH_TOKEN`, then `RAY_AUTH_TOKEN_PATH`, then
 `~/.ray/auth_token`) and sent as `Authorization: Bearer` on every call. A
 missing or wrong token, an unreachable head or a head running another Ray
-version is one line, exit 2.
+version is one line, exit 2. A token bound for a non-loopback `http://` address is
+sent unencrypted: one warning per process says so (`plain_http_warning`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import logging
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError
+from urllib.parse import urlsplit
 
 from orchestrator.errors import UserError, first_line
 from orchestrator.execution.ray_session import check_reachable
 from orchestrator.spec.loading import read_spec
 from orchestrator.spec.paths import is_relative_sqlite
-from orchestrator.storage.studies import count_states
+from orchestrator.reporting.progress import StudyProgress
 from orchestrator.tracking.secrets import redact_text, redact_uri
 
 AGENT_WAIT_S = 60.0  # how long a submit waits for a freshly started head's job agent
@@ -47,6 +53,45 @@ ACTIVE = ("PENDING", "RUNNING")
 
 
 POLL_S = 1.0
+
+
+class LogLines:
+    """A job's log as it arrives in chunks: each whole line fed once, in order, to the event handler;
+    `seen` counts the characters consumed, so a re-read of the whole log resumes after them."""
+
+    def __init__(self, on_event: Callable[[dict], None], keep: int = 20):
+        self.on_event, self.keep = on_event, keep
+        self.seen = 0
+        self.partial = ""
+        self.summary: dict | None = None
+        self.tail: list[str] = []
+
+    def feed(self, chunk: str) -> None:
+        self.seen += len(chunk)
+        *whole, self.partial = (self.partial + chunk).split("\n")
+        for line in whole:
+            self._line(line)
+
+    def catch_up(self, log: str) -> None:
+        """The whole log as read now: feed only what this has not seen yet."""
+        if len(log) > self.seen:
+            self.feed(log[self.seen:])
+
+    def flush(self) -> None:
+        if self.partial:
+            self._line(self.partial)
+            self.partial = ""
+
+    def _line(self, line: str) -> None:
+        line = line.rstrip("\r")
+        self.tail = [*self.tail[-(self.keep - 1):], line]
+        if line.startswith(EVENT_PREFIX):
+            self.on_event(json.loads(line[len(EVENT_PREFIX):]))
+        elif line.startswith("{") and '"study_id"' in line:
+            try:
+                self.summary = json.loads(line)
+            except json.JSONDecodeError:
+                pass
 
 
 def is_jobs_address(address: str | None) -> bool:
@@ -67,6 +112,47 @@ def ray_token() -> str | None:
     return default.read_text().strip() if default.exists() else None
 
 
+def plain_http_warning(address: str, token: str | None) -> str | None:
+    """The warning for a token sent over plain HTTP to a non-loopback host, else None."""
+    if not token:
+        return None
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # a malformed port: the connection fails later with its own message
+        return None
+    if parts.scheme != "http" or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:  # 127.0.0.0/8, ::1
+            return None
+    except ValueError:
+        pass  # a host name
+    shown = f"[{host}]" if ":" in host else host  # host and port only: never the address's userinfo
+    shown += f":{port}" if port else ""
+    return (f"ray: the Ray token is sent unencrypted to {shown} (http://); "
+            "use https:// or a tunnel (kubectl port-forward, ssh -L)")
+
+
+_warned_plain_http = False  # once per process: status/logs loops must not repeat it
+
+
+def warn_plain_http(address: str, token: str | None) -> bool:
+    """Tell the user once per process that the token goes out unencrypted; True when this call warned."""
+    global _warned_plain_http
+    message = plain_http_warning(address, token)
+    if message is None or _warned_plain_http:
+        return False
+    _warned_plain_http = True
+    # stderr reaches a CLI user whatever the logging setup. The logger gets it too where the
+    # application configured one: without handlers, logging's last resort would print it a second time.
+    print(f"warning: {message}", file=sys.stderr)
+    logger = logging.getLogger("ddray")
+    if logger.hasHandlers():
+        logger.warning(message)
+    return True
+
+
 class Cluster:
     """A Ray head's Jobs API, checked before use: reachable, the token accepted, the same Ray version."""
 
@@ -84,6 +170,7 @@ class Cluster:
         self.shown = redact_uri(self.address)  # what messages name: never a password or token of the address
         check_reachable(self.address)
         token = ray_token()
+        warn_plain_http(self.address, token)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             self.client = JobSubmissionClient(self.address, headers=self.headers)
@@ -167,43 +254,52 @@ class Cluster:
         return submission_id, False
 
     def follow(self, submission_id: str, on_event: Callable[[dict], None]) -> dict:
-        """Feed the job's events to `on_event` until it ends; return the driver's JSON summary (or the job's state)."""
-        seen, summary = 0, None
+        """Feed the job's events to `on_event` until it ends; return the driver's JSON summary (or the job's state).
+
+        The log is streamed (`tail_job_logs`, a websocket carrying the output as it is written), so
+        following costs what the job prints, not the whole log once a second. If the stream breaks, the
+        log is read again and only what follows the characters already seen is used, then streaming
+        resumes (skipping, on the new connection, what was seen)."""
+        lines = LogLines(on_event)
         while True:
+            try:
+                asyncio.run(self._tail(submission_id, lines))
+            except Exception:  # the websocket broke (a head restart, a proxy timeout): catch up, then stream again
+                time.sleep(POLL_S)
+                lines.catch_up(self.client.get_job_logs(submission_id))
             status = str(getattr(self.client.get_job_status(submission_id), "value", ""))
-            logs = self.client.get_job_logs(submission_id)
-            lines = logs.splitlines()
-            for line in lines[seen:]:
-                if line.startswith(EVENT_PREFIX):
-                    on_event(json.loads(line[len(EVENT_PREFIX):]))
-                elif line.startswith("{") and '"study_id"' in line:
-                    try:
-                        summary = json.loads(line)
-                    except json.JSONDecodeError:
-                        pass
-            seen = len(lines)
             if status not in ACTIVE:
+                lines.catch_up(self.client.get_job_logs(submission_id))  # whatever the stream had not delivered
+                lines.flush()
                 break
-            time.sleep(POLL_S)
-        return summary or {"state": "failed", "job_status": status, "job_log_tail": "\n".join(lines[-20:])}
+        return lines.summary or {"state": "failed", "job_status": status, "job_log_tail": "\n".join(lines.tail)}
+
+    async def _tail(self, submission_id: str, lines: "LogLines") -> None:
+        skip = lines.seen  # Ray's tail starts at the log's first byte on every connection: skip what was seen
+        async for chunk in self.client.tail_job_logs(submission_id):
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            chunk, skip = chunk[skip:], 0
+            lines.feed(chunk)
 
     def status(self, study_id: str) -> dict:
         job = self.latest(study_id)
         events = [json.loads(line[len(EVENT_PREFIX):]) for line in self.client.get_job_logs(job.submission_id).splitlines()
                   if line.startswith(EVENT_PREFIX)]
-        stages: dict = {}
+        progress = StudyProgress()
         for e in events:
             if e["type"] == "start":
-                stages = {k: dict(v) for k, v in e["stages"].items()}
-            elif e["type"] == "stage" and e["key"] in stages:
-                stages[e["key"]]["state"] = e["state"]
+                progress.start(e["counts"])
+            elif e["type"] == "stage":
+                progress.stage(e["key"], e["state"], kind=e.get("kind"), label=e.get("label"))
 
         end = next((e for e in reversed(events) if e["type"] == "end"), None)
         state = end["state"] if end else {"PENDING": "pending", "RUNNING": "running"}.get(
             str(getattr(job.status, "value", job.status)), "failed")
         return {"study_id": study_id, "state": state, "job": job.submission_id,
                 "job_status": str(getattr(job.status, "value", job.status)),
-                "counts": count_states(s["state"] for s in stages.values()), "stages": stages}
+                "counts": progress.state_counts(), "tally": progress.tally, "stages": progress.stages}
 
     def logs(self, study_id: str) -> str:
         return self.client.get_job_logs(self.latest(study_id).submission_id)

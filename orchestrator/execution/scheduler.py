@@ -11,7 +11,10 @@ under its lease, else (another live driver holds the lease) it waits, and is
 polled once a second until it appears in the store or the lease falls free.
 A stage whose lease this driver lost while it ran (taken over, or not renewed
 within the TTL) and cannot take back is not reported as executed (its result
-is not logged as this driver's): it counts as reused, with a warning. Every
+is not logged as this driver's): it counts as reused, with a warning. Its worker
+could not publish it either once another driver took the lease: the stage
+carries its lease's fencing token, which the store checks just before the
+publishing rename (`leases.FenceRejected`). Every
 transition goes to the `StudyLog` (one appended line) and to the subscribers
 (live view, tracking).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from dataclasses import replace
 from typing import Callable
 
 from orchestrator.execution.executors import Executor
@@ -33,7 +37,7 @@ from orchestrator.plan.graph import StageGraph
 from orchestrator.spec.models import ResourcesSpec, StageResources
 from orchestrator.stages.base import Stage
 from orchestrator.storage.files import CorruptArtifact
-from orchestrator.storage.leases import Leases
+from orchestrator.storage.leases import FenceRejected, Leases
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.studies import DONE, StudyLog
 
@@ -71,6 +75,11 @@ def task_error(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def fenced_out(exc: BaseException) -> bool:
+    """The stage's publish was refused: its lease had passed to another driver (`leases.FenceRejected`)."""
+    return isinstance(getattr(exc, "cause", None) or exc, FenceRejected)
 
 
 def corrupt_input(exc: BaseException) -> CorruptArtifact | None:
@@ -111,7 +120,9 @@ class Scheduler:
 
     def _set(self, key: str, state: str, error: str | None = None, **extra) -> None:
         self.log.set(key, state, error, **{k: v for k, v in extra.items() if k != "result"})
-        self.emit({"type": "stage", "key": key, "state": state, **({"error": error} if error else {}), **extra})
+        stage = self.graph.stages[key]  # kind and label: a follower knows the stage from its events alone
+        self.emit({"type": "stage", "key": key, "kind": stage.kind, "label": stage.label, "state": state,
+                   **({"error": error} if error else {}), **extra})
 
     def _ready(self, key: str) -> None:
         heapq.heappush(self.ready, (-self.height[key], self.order[key], key))
@@ -154,7 +165,8 @@ class Scheduler:
         if self.store.exists(stage.kind, key) and not self.store.is_complete(stage.kind, key, full=True):
             self.store.quarantine(stage.kind, key)  # verified twice, under the lease: damaged
             self.emit({"type": "warning", "message": f"stored stage {stage.label} was damaged; rebuilding"})
-        self.executor.submit(stage, self._resources(stage))
+        # the worker publishes only while the lease carries this token (a driver that lost it cannot publish)
+        self.executor.submit(replace(stage, fence=self.leases.token(key)), self._resources(stage))
         self.started[key] = self.submitted[key] = time.time()
         self._set(key, "running")
 
@@ -179,7 +191,14 @@ class Scheduler:
             self.on_executed(key, result)  # tracking; it releases the lease once the run is logged
             self._done(key)
             return
-        self.leases.release(key)
+        self.leases.release(key)  # deletes it only if it is still this driver's
+        if fenced_out(result):  # not published: it is the new holder's now, or ours again once that one is gone
+            self.emit({"type": "warning", "message": f"{stage.label}: this driver lost its lease while the stage "
+                                                     f"ran (taken over by another driver); its result was not "
+                                                     f"published, the stage waits for the new holder"})
+            self._set(key, "pending")
+            self._start(key)
+            return
         bad = corrupt_input(result)
         if bad is not None and bad.key != key and bad.key not in self.rebuilt and bad.key in self.graph.stages:
             self._rebuild(key, bad)

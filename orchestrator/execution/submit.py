@@ -35,6 +35,7 @@ from orchestrator.execution.executors import (
 from orchestrator.execution.ray_session import check_reachable, ensure_ray
 from orchestrator.execution.scheduler import STOP, Scheduler, Terminated
 from orchestrator.plan.graph import MAX_STAGES, StageGraph, build_stage_graph
+from orchestrator.reporting.progress import tally
 from orchestrator.reporting.results import (
     evaluation_results,
     study_findings,
@@ -246,6 +247,7 @@ class Preflight:
     tracked_parent: str | None  # the parent run, when every stage is stored and already in MLflow
     tracker: Tracker | None  # None: nothing to log (tracked_parent), or the checks did not open one
     runner: Executor
+    damaged: list[str] = field(default_factory=list)  # stored leaves that failed their checksums
 
 
 def preflight(spec: StudySpec, store, graph: StageGraph, uri: str, address: str | None, num_cpus: int | None,
@@ -262,9 +264,8 @@ def preflight(spec: StudySpec, store, graph: StageGraph, uri: str, address: str 
     leaves = [k for k in cached if not graph.dependents(k)]
     with ThreadPoolExecutor(max_workers=8) as pool:  # an object store answers each read in a round trip
         whole = dict(zip(leaves, pool.map(lambda k: store.is_complete(graph.stages[k].kind, k, full=True), leaves)))
-    for k in [k for k, ok in whole.items() if not ok]:
-        store.quarantine(graph.stages[k].kind, k)  # kept for inspection; the scheduler computes it again
-        cached.discard(k)
+    damaged = sorted(k for k, ok in whole.items() if not ok)  # quarantined under their leases, once there are leases
+    cached -= set(damaged)
     # nothing to compute and every run already in MLflow: neither Ray nor the tracking server is needed
     tracked_parent = fully_tracked(store, spec.study_id, redact(uri), spec.experiment_name, graph.stages) \
         if len(cached) == len(graph.stages) else None
@@ -279,7 +280,22 @@ def preflight(spec: StudySpec, store, graph: StageGraph, uri: str, address: str 
         executor = ActorExecutor if spec.resources.executor == "actors" else RayExecutor
     tracker = opening.result() if opening is not None else None
     data.result()
-    return Preflight(cached, tracked_parent, tracker, executor(str(store.root), spec.runtime.model_dump(exclude={"device"})))
+    return Preflight(cached, tracked_parent, tracker, executor(str(store.root), spec.runtime.model_dump(exclude={"device"})),
+                     damaged)
+
+
+def quarantine_damaged(store, graph: StageGraph, keys: list[str], leases: Leases) -> None:
+    """Move each damaged leaf aside (kept for inspection; the scheduler computes it again), under its lease
+    and verified again there: another driver may be rebuilding it right now."""
+    for key in keys:
+        if not leases.acquire(key):
+            continue  # another live driver has it
+        try:
+            kind = graph.stages[key].kind
+            if store.exists(kind, key) and not store.is_complete(kind, key, full=True):
+                store.quarantine(kind, key)
+        finally:
+            leases.release(key)
 
 
 def open_study(spec: StudySpec, spec_text: str, store, graph: StageGraph, uri: str, pre: Preflight, log: StudyLog,
@@ -299,7 +315,8 @@ def open_study(spec: StudySpec, spec_text: str, store, graph: StageGraph, uri: s
                "tracking_uri": redact(uri), "experiment": spec.experiment_name,
                "parent_run_id": parent, "store_root": redact(str(store.root)), "ddray_version": __version__,
                "driver": {"host": owner.host, "pid": owner.pid, "id": owner.driver}}, stages)
-    emit({"type": "start", "study_id": spec.study_id, "parent_run_id": parent, "stages": stages,
+    # counts, not the stages: the event's size does not grow with the study (stage events name their stage)
+    emit({"type": "start", "study_id": spec.study_id, "parent_run_id": parent, "counts": tally(stages.values()),
           "store": redact(str(store.root)), "tracking_uri": redact(uri)})
     tracking.log_stored({k: graph.stages[k].kind for k in pre.cached})
     return tracking, parent
@@ -337,7 +354,8 @@ def close_study(spec: StudySpec, store, graph: StageGraph, pre: Preflight, log: 
     if state == "succeeded" and not tracked["not_logged"]:
         tracking.remember_complete(graph.stages)
     log.finish(state)
-    leases.release_all()
+    # a stage whose run was still being logged when the drain ran out keeps its lease until its TTL ends
+    leases.release_all(keep=[tracked["in_flight"]] if tracked.get("in_flight") else ())
     if tracked["not_logged"]:
         emit({"type": "warning", "message": f"tracking: {tracked['not_logged']} run(s) not logged "
                                             f"({'; '.join(tracked['errors']) or 'server unreachable'}); "
@@ -364,6 +382,7 @@ def submit_study(spec: StudySpec, spec_text: str, *, store_root: str | None = No
 
     owner = Owner.here()
     leases = open_leases(store, owner)
+    quarantine_damaged(store, graph, pre.damaged, leases)
     log = StudyLog(store, spec.study_id, owner)
     with signals_as_interrupts():
         try:

@@ -67,6 +67,9 @@ class Stage:
     coords: dict = field(default_factory=dict)  # the grid coordinates, for results and MLflow tags
     runtime: dict = field(default_factory=dict)  # where its data lies; not in the key
     key: str = ""
+    # the fencing token of the lease its computation runs under (set by the scheduler, not in the key): the
+    # store publishes the stage only while the lease still carries it
+    fence: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
         payload = {"kind": self.kind, "version": stage_kind(self.kind).version, "config": self.config,

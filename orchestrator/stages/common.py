@@ -56,7 +56,7 @@ def finish_stage(store: ArtifactStore, stage: Stage, files: dict[str, bytes], me
               "run": dict(CURRENT_RUN),
               **(meta or {})}
     files[RESULT] = json_bytes(result)
-    store.write_stage(stage.kind, stage.key, files, meta or {})
+    store.write_stage(stage.kind, stage.key, files, meta or {}, fence=stage.fence)
     return result
 
 

@@ -36,10 +36,19 @@ from orchestrator.storage.files import (
     STALE_TEMP_S,
     CorruptArtifact,
     atomic_write_json,
-    pid_alive,
     sha256_file,
-    writer_of,
+    writer_gone,
+    writer_here,
+    writer_tag,
 )
+from orchestrator.storage.leases import check_fence
+
+
+def _bytes_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 class ArtifactStore(StoreReads):
@@ -54,10 +63,11 @@ class ArtifactStore(StoreReads):
 
     # --- writing -------------------------------------------------------------------------------
 
-    def write_stage(self, kind: str, key: str, files: dict[str, bytes], meta: dict) -> Path:
-        """Write all files and the manifest into a temp dir, then rename it into place."""
+    def write_stage(self, kind: str, key: str, files: dict[str, bytes], meta: dict, fence: int | None = None) -> Path:
+        """Write all files and the manifest into a temp dir, then rename it into place; with `fence` (the
+        fencing token the stage's computation holds), only if the stage's lease still carries it."""
         final = self.stage_dir(kind, key)
-        tmp = final.with_name(f".{key}.tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = final.with_name(f".{key}.tmp-{writer_tag()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir(parents=True)
         try:
             entries = {}
@@ -70,6 +80,8 @@ class ArtifactStore(StoreReads):
                 entries[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             manifest = {"kind": kind, "key": key, "created": time.time(), "files": entries, "meta": meta}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            if fence is not None:
+                check_fence(key, fence, _bytes_or_none(self.root / "leases" / f"{key}.json"))
             self._publish(kind, key, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -131,9 +143,8 @@ class ArtifactStore(StoreReads):
         removed = []
         for kind_dir in (self.root / "stages").glob("*"):
             for tmp in kind_dir.glob(".*.tmp-*"):
-                host, pid = writer_of(tmp.name)
-                mine = host == HOST
-                if (mine and pid is not None and not pid_alive(pid)) or \
+                mine = writer_here(tmp.name)
+                if writer_gone(tmp.name) or \
                         (not mine and now - tmp.stat().st_mtime > STALE_TEMP_S):
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed.append(tmp)

@@ -93,9 +93,10 @@ from orchestrator.storage.files import (
     MANIFEST,
     STALE_TEMP_S,
     CorruptArtifact,
-    pid_alive,
     sha256_file,
-    writer_of,
+    writer_gone,
+    writer_here,
+    writer_tag,
 )
 from orchestrator.storage.leases import (
     BREAKER_STALE_S,
@@ -103,6 +104,7 @@ from orchestrator.storage.leases import (
     LeaseBook,
     Owner,
     _int,
+    check_fence,
     encode,
     unreadable_lease,
 )
@@ -424,7 +426,7 @@ def _write_local(path: Path, data: bytes, fsync: bool, atomic: bool = True) -> N
 
 
 def _temp_name() -> str:
-    return f"{TEMP}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{TEMP}{writer_tag()}-{uuid.uuid4().hex[:8]}"
 
 
 @contextlib.contextmanager
@@ -498,8 +500,9 @@ class ObjectStore(StoreReads):
 
     # --- writing -------------------------------------------------------------------------------
 
-    def write_stage(self, kind: str, key: str, files: dict[str, bytes], meta: dict) -> Path:
-        """Upload the files under a fresh prefix, then publish them by creating the manifest (first writer wins)."""
+    def write_stage(self, kind: str, key: str, files: dict[str, bytes], meta: dict, fence: int | None = None) -> Path:
+        """Upload the files under a fresh prefix, then publish them by creating the manifest (first writer wins);
+        with `fence` (the fencing token the stage's computation holds), only if its lease still carries it."""
         name = _temp_name()
         tmp = self._k("stages", kind, key, name)
         published = False
@@ -513,6 +516,9 @@ class ObjectStore(StoreReads):
             manifest = {"kind": kind, "key": key, "created": time.time(), "files": entries, "meta": meta,
                         "prefix": name, "writer": {"host": HOST, "pid": os.getpid()}}
             body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+            if fence is not None:
+                lease = self.objects.get(self._k("leases", f"{key}.json"))
+                check_fence(key, fence, lease[0] if lease is not None else None)
             published = self._publish(kind, key, name, body)
         except BaseException:
             if not published and not self._names_prefix(kind, key, name):
@@ -629,9 +635,7 @@ class ObjectStore(StoreReads):
                 newest[group] = max(newest.get(group, 0.0), self.objects.mtime(info))
         candidates = []
         for (kind, key, prefix), mtime in newest.items():
-            host, pid = writer_of(prefix)
-            mine = host == HOST
-            if (mine and pid is not None and not pid_alive(pid)) or (not mine and now - mtime > STALE_TEMP_S):
+            if writer_gone(prefix) or (not writer_here(prefix) and now - mtime > STALE_TEMP_S):
                 candidates.append((kind, key, prefix))
         paths = sorted({self._manifest_path(kind, key) for kind, key, _ in candidates})
         manifests = self.objects.cat_many(paths)
@@ -926,3 +930,24 @@ class ObjectLeases(LeaseBook):
         info, etag = self._read(path)
         if etag is not None and self._same(info, mine):
             self.objects.delete(path, etag)
+
+    def _beat_path(self, driver: str) -> str:
+        return f"{self.dir}/drivers/{driver}.json"
+
+    def beat_of(self, driver: str) -> dict | None:
+        got = self.objects.get(self._beat_path(driver))
+        if got is None:
+            return None
+        try:
+            info = json.loads(got[0])
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def _write_beat(self, body: dict) -> None:
+        self.objects.put(self._beat_path(self.owner.driver), encode(body))  # only its driver writes it: no condition
+
+    def _drop_beat(self) -> None:
+        got = self.objects.get(self._beat_path(self.owner.driver))
+        if got is not None:
+            self.objects.delete(self._beat_path(self.owner.driver), got[1])

@@ -4,7 +4,8 @@ Per study, under `studies/<study_id>/`:
 
     record.json          # written once per submit: spec, tracking, the stage index with the states at start
     events.jsonl         # append-only, one line per stage transition (small O_APPEND writes, no rewrite)
-    drivers/<id>.json    # each driver's heartbeat: host, pid, counts, final state (its own file)
+    drivers/<id>.json    # each driver's heartbeat: its process, counts, final state (its own file; judged by
+                         # the store's clock: its mtime against a probe's, never the writer's wall clock)
     cancel               # `ddray study cancel` asks the running drivers to stop
 
 So a stage transition costs one short append whatever the size of the study,
@@ -80,8 +81,9 @@ class StudyLog:
 
     def heartbeat(self, state: str = "running") -> None:
         atomic_write_json(self.dir / "drivers" / f"{self.owner.driver}.json", {
-            "driver": self.owner.driver, "host": self.owner.host, "pid": self.owner.pid, "state": state,
-            "started": self.started, "heartbeat": time.time(), "counts": self.counts()}, fsync=False)
+            "driver": self.owner.driver, "host": self.owner.host, "pid": self.owner.pid, "place": self.owner.place,
+            "process_started": self.owner.started, "state": state, "started": self.started,
+            "heartbeat": time.time(), "counts": self.counts()}, fsync=False)
 
     def cancel_requested(self) -> bool:
         return (self.dir / "cancel").exists()
@@ -106,21 +108,59 @@ def _read_json(path: Path) -> dict | None:
 
 
 def drivers_of(study_dir: Path) -> list[dict]:
-    return sorted((d for p in (study_dir / "drivers").glob("*.json") if (d := _read_json(p))),
-                  key=lambda d: d.get("started", 0))
+    """Each driver's heartbeat record, with `written`: when the store last wrote it, by the store's clock."""
+    out = []
+    for p in (study_dir / "drivers").glob("*.json"):
+        d = _read_json(p)
+        if d:
+            try:
+                d["written"] = p.stat().st_mtime
+            except OSError:
+                continue
+            out.append(d)
+    return sorted(out, key=lambda d: d.get("started", 0))
 
 
-def driver_live(d: dict, now: float | None = None) -> bool:
+def store_now(study_dir: Path) -> float:
+    """The store's clock now: the mtime a file written now gets (set by the file server on NFS, by this
+    kernel on a local disk), so a driver's silence is judged by one clock, not by comparing the writer's
+    wall clock with the reader's; this machine's clock where the store cannot be written."""
+    probe = study_dir / "drivers" / f".clock-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        probe.write_bytes(b"")
+        return probe.stat().st_mtime
+    except OSError:
+        return time.time()
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def driver_live(d: dict, now: float) -> bool:
+    """A running driver whose heartbeat the store wrote within HEARTBEAT_TIMEOUT_S of `now` (`store_now`)
+    and whose process is not provably dead."""
     if d.get("state") != "running":
         return False
-    if (now or time.time()) - d.get("heartbeat", 0) > HEARTBEAT_TIMEOUT_S:
+    if now - d.get("written", d.get("heartbeat", 0)) > HEARTBEAT_TIMEOUT_S:
         return False
-    return Owner(d.get("driver", ""), d.get("host", ""), int(d.get("pid", 0))).alive()
+    try:
+        pid = int(d.get("pid", 0))
+    except (TypeError, ValueError):
+        pid = 0
+    return Owner(str(d.get("driver", "")), str(d.get("host", "")), pid, str(d.get("place", "")),
+                 str(d.get("process_started", ""))).alive()
 
 
-def study_state(drivers: list[dict]) -> str:
+def live_drivers(study_dir: Path, drivers: list[dict] | None = None) -> list[dict]:
+    drivers = drivers_of(study_dir) if drivers is None else drivers
+    if not any(d.get("state") == "running" for d in drivers):
+        return []
+    now = store_now(study_dir)
+    return [d for d in drivers if driver_live(d, now)]
+
+
+def study_state(study_dir: Path, drivers: list[dict]) -> str:
     """running while any driver is alive; else the last driver's final state, or abandoned if it had none."""
-    if any(driver_live(d) for d in drivers):
+    if live_drivers(study_dir, drivers):
         return "running"
     if not drivers:
         return "abandoned"
@@ -169,7 +209,7 @@ def load_record(store: ArtifactStore, study_id: str) -> dict:
         raise UserError(f"study '{study_id}': its record in '{store.root}' is unreadable")
     drivers = drivers_of(path)
     record["stages"] = _fold(path, record)
-    record["state"] = study_state(drivers)
+    record["state"] = study_state(path, drivers)
     record["counts"] = count_states(s["state"] for s in record["stages"].values())
     record["drivers"] = drivers
     record["dir"] = str(path)
@@ -203,7 +243,7 @@ def list_studies(store: ArtifactStore) -> list[dict]:
             continue
         drivers = drivers_of(path.parent)
         counts = drivers[-1].get("counts") if drivers else None
-        out.append({"study_id": record["study_id"], "name": record.get("name"), "state": study_state(drivers),
+        out.append({"study_id": record["study_id"], "name": record.get("name"), "state": study_state(path.parent, drivers),
                     "created": record.get("created", 0),
                     "counts": counts or count_states(s["state"] for s in record["stages"].values())})
     return sorted(out, key=lambda r: r["created"])

@@ -14,7 +14,7 @@ import time
 from orchestrator.storage.files import atomic_write_json
 from orchestrator.storage.leases import DEFAULT_TTL_S, Leases
 from orchestrator.storage.local import ArtifactStore
-from orchestrator.storage.studies import driver_live, drivers_of
+from orchestrator.storage.studies import live_drivers
 from orchestrator.tracking.tracker import Tracker, TrackingQueue, reason, redact_text
 
 # two TTLs: a lock left by a crashed driver elsewhere is taken once it has not moved for one TTL, as the
@@ -43,7 +43,7 @@ class TrackingSession:
             self._warn("starting the study's runs", exc)
             self.parent = None
         self.queue = TrackingQueue(self.tracker, self.parent, self.study_id, self.leases.owner.driver,
-                                   on_logged=self._logged)
+                                   on_logged=self._logged, finished=self.finished)
         return self.parent
 
     def _parent(self, name: str, spec_hash: str, spec_text: str, version: str) -> str:
@@ -65,7 +65,7 @@ class TrackingSession:
             self.leases.release(lock)
 
     def _close_dead_children(self) -> None:
-        live = {d["driver"] for d in drivers_of(self.store.study_dir(self.study_id)) if driver_live(d)}
+        live = {d["driver"] for d in live_drivers(self.store.study_dir(self.study_id))}
         for run in self.tracker.children(self.parent):
             key, status = run.data.tags.get("ddray.stage_key"), run.info.status
             if status == "FINISHED" and key:
@@ -80,17 +80,26 @@ class TrackingSession:
     # --- what this driver logs --------------------------------------------------------------
 
     def log_stored(self, kinds: dict[str, str]) -> None:
-        """Stages found in the store (key -> kind) without a FINISHED run: log each once, under its lease."""
+        """Stages found in the store (key -> kind) without a FINISHED run: log each once, under its lease.
+
+        No query per stage: `open` paged through the parent's children once; once every lease is taken, the
+        queue pages through the FINISHED ones once more (a driver that held a lease may have logged its stage
+        since), and each stage is logged unless found there. Only a retried call looks its own run up."""
+        if self.queue is None:
+            return
+        stored = []
         for key, kind in kinds.items():
-            if key in self.finished or self.queue is None:
+            if key in self.finished:
                 continue
             if not self.leases.acquire(key):
                 continue  # another live driver computes or logs it
             try:
-                result = self.store.read_json(kind, key, "result.json")
+                stored.append(self.store.read_json(kind, key, "result.json"))
             except Exception:  # damaged: the scheduler rebuilds it and logs it then
                 self.leases.release(key)
-                continue
+        if stored:
+            self.queue.refresh()
+        for result in stored:
             self.queue.stage(result, self.store, cached=True, recheck=True)
 
     def executed(self, key: str, result: dict) -> None:

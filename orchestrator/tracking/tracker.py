@@ -7,21 +7,30 @@ config, metrics, artifacts from the stage's store directory). Workers never
 write to the tracking store: parallel writers race on SQLite, and a
 cluster's workers may not reach it.
 
-Exactly one FINISHED run per stage, whatever is killed or resubmitted:
+Exactly one FINISHED run per stage, whatever is killed, resubmitted or retried:
 - the parent is found exactly: its run id is kept in the store
   (`studies/<id>/parent.json`), with a tag search for role "study" (which
   children never carry) as the fallback, under a study-level lease so two
   submits cannot both create one;
 - a child is logged only by the driver that computed the stage, or, for a
   stage already in the store without a FINISHED run, by whichever driver takes
-  the stage's lease and finds none after taking it;
+  the stage's lease and finds none after taking it (one paged search of the
+  parent's FINISHED children once the leases are taken, not one per stage);
+- every run carries its identity from the moment it is created (parent and
+  `ddray.stage_key`, `ddray.trial_of` + `ddray.trial_id` for a trial, with
+  `ddray.driver`): a retried call (its reply may have been lost after the
+  server acted) first looks its run up, by the id this driver recorded or by
+  those tags, and finishes that run instead of creating a second one; a first
+  try costs no lookup;
 - runs left RUNNING by a driver that is gone are closed as KILLED and replaced.
 
 Logging runs in a background thread (`TrackingQueue`) so it never holds up
 scheduling; a tracking failure never stops or fails a study (the store is the
 truth): what could not be logged is counted, and `ddray study sync` or the
-next submit logs it. The preflight check uses a short timeout and no retries;
-the run uses MLflow's normal retries.
+next submit logs it. A failing MLflow call pauses logging until the server
+answers a probe; a stage whose stored files cannot be read is only counted
+(the server is not to blame, the others go on). The preflight check uses a
+short timeout and no retries; the run uses MLflow's normal retries.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from orchestrator.errors import UserError, first_line
@@ -42,7 +52,7 @@ from orchestrator.spec.claims import safe_name
 from orchestrator.spec.paths import sqlite_file
 from orchestrator.stages.base import Stage
 from orchestrator.tracking.secrets import redact_text as _redact_text
-from orchestrator.tracking.secrets import strip_password
+from orchestrator.tracking.secrets import redact_data, strip_password
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -54,8 +64,10 @@ SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databrick
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """MLflow params from a nested config: dotted names, JSON values, credentials redacted (a data root or
+    a teacher's URI in a stage config may carry one), long values cut."""
     out: dict[str, str] = {}
-    for k, v in d.items():
+    for k, v in redact_data(d).items():
         name = f"{prefix}{k}"
         if isinstance(v, dict) and v and all(isinstance(x, (str, int, float, bool, type(None), list, dict)) for x in v.values()):
             out.update(flatten(v, f"{name}."))
@@ -140,6 +152,8 @@ class Tracker:
         with sqlite_creation_lock(uri):  # the client creates a new SQLite DB's tables when it opens it
             self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id: str | None = None
+        # identity -> id of each run this driver created: a retry finds its run here without a search
+        self.created: dict[tuple, str] = {}
 
     @property
     def safe_uri(self) -> str:
@@ -207,55 +221,84 @@ class Tracker:
         self.client.log_text(run.info.run_id, redact_text(spec_text, self.uri), "spec.yaml")
         return run.info.run_id
 
-    def children(self, parent_run_id: str) -> list:
-        """Every child run of the parent (all pages)."""
+    def children(self, parent_run_id: str, finished_only: bool = False) -> list:
+        """Every child run of the parent (all pages, 1,000 runs a query), or only its FINISHED ones."""
+        where = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+        if finished_only:
+            where += " and attributes.status = 'FINISHED'"
         runs, token = [], None
         while True:
-            page = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000,
+                                           page_token=token)
             runs += list(page)
             token = page.token
             if not token:
                 return runs
 
-    def finished_child(self, parent_run_id: str, key: str) -> bool:
-        found = self.client.search_runs(
-            [self.experiment_id], max_results=1,
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`ddray.stage_key` = '{key}' "
-                          "and attributes.status = 'FINISHED'")
-        return bool(found)
+    def finished_keys(self, parent_run_id: str) -> set[str]:
+        """The stage keys that have a FINISHED child run now (one query per 1,000 runs, not one per stage)."""
+        runs = self.children(parent_run_id, finished_only=True)
+        return {r.data.tags["ddray.stage_key"] for r in runs
+                if "ddray.stage_key" in r.data.tags and "ddray.error" not in r.data.tags}
 
-    def log_stage(self, parent_run_id: str, study_id: str, result: dict, store, cached: bool, driver: str) -> str:
-        """One child run: created, one batch of params/metrics/tags, the stage's artifacts, terminated."""
+    # --- one run per identity: a retry finds the run its lost reply created ------------------
+
+    def _runs_tagged(self, identity: tuple, tags: dict[str, str]) -> list:
+        """A retry's look-up: the run this driver recorded for `identity`, else the runs carrying `tags`."""
+        known = self.created.get(identity)
+        if known:
+            return [self.client.get_run(known)]
+        where = " and ".join(f"tags.`{k}` = '{quoted(v)}'" for k, v in tags.items())
+        return list(self.client.search_runs([self.experiment_id], filter_string=where, max_results=100,
+                                            order_by=["attributes.start_time ASC"]))
+
+    def _existing_stage(self, parent_run_id: str, key: str, driver: str):
+        """The stage's run if one exists: a FINISHED one (another try of ours got through), else one this
+        driver created and did not finish (reused); a failure run (`ddray.error`) is never either."""
+        runs = [r for r in self._runs_tagged(("stage", parent_run_id, key),
+                                             {PARENT_TAG: parent_run_id, "ddray.stage_key": key})
+                if "ddray.error" not in r.data.tags]
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        ours = [r for r in runs if r.data.tags.get("ddray.driver") == driver]
+        return (done or ours or [None])[0]
+
+    def log_stage(self, parent_run_id: str, study_id: str, result: dict, store, cached: bool, driver: str,
+                  retry: bool = False) -> str:
+        """One child run: created with its identity, one batch of params/metrics/tags, the stage's artifacts,
+        terminated. The store is read first: a damaged file raises `StoreReadError` before any MLflow call.
+        `retry`: an earlier try may have reached the server; its run is found and finished, not doubled."""
         from mlflow.entities import Metric, Param, RunTag  # MLflow: slow to import, only where a run is logged
 
-        coords = {f"ddray.{k}": str(v) for k, v in result.get("coords", {}).items() if v is not None}
-        tags = {PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": result["key"],
-                "ddray.stage_kind": result["kind"], "ddray.cached": str(cached).lower(), "ddray.driver": driver,
-                **{k[:250]: v[:5000] for k, v in coords.items()}}
-        if len(result["label"]) > 250:  # run names are cut at 250 characters
-            tags["ddray.label"] = result["label"][:5000]
-        run_info = result.get("run", {})
-        for name in ("host", "node", "device", "attempt"):
-            if run_info.get(name):
-                tags[f"ddray.run.{name}"] = str(run_info[name])
-        # create (the parent tag makes it a child at once), batches, inputs and artifacts if any, terminate
-        run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags={PARENT_TAG: parent_run_id})
+        points, inputs = read_stage(store, result)
+        key = result["key"]
+        identity = {PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": key,
+                    "ddray.stage_kind": result["kind"], "ddray.driver": driver}
+        tags = {**identity, "ddray.cached": str(cached).lower(), **stage_tags(result)}
+        run = self._existing_stage(parent_run_id, key, driver) if retry else None
+        if run is not None and run.info.status == "FINISHED":
+            return run.info.run_id  # logged by a try whose reply was lost
+        reused = run is not None
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=result["label"][:250], tags=identity)
         rid = run.info.run_id
+        self.created[("stage", parent_run_id, key)] = rid
+        when = run.info.start_time  # the curves' timestamp: the same on a retry, so MLflow drops the repeats
+        run_info = result.get("run", {})
         resources = {f"resources.{k}": run_info[k] for k in ("cpus", "gpus") if k in run_info}
         best = {"best": result["search"]["best"]["config"]} if "search" in result else {}
         params = [Param(k[:250], v) for k, v in flatten({**result.get("config", {}), **resources, **best}).items()]
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.get("metrics", {}).items()]
-        self.log_batches(rid, [*metrics, *curves(store, result)], params, [RunTag(k, v) for k, v in tags.items()])
-        inputs = input_datasets(store, result)
+        metrics += [Metric(name, value, when, step) for name, value, step in points]
+        self.log_batches(rid, metrics, params, [RunTag(k, v) for k, v in tags.items()])
         if inputs:
             self.client.log_inputs(rid, datasets=inputs)
         for name in result.get("artifacts", []):
-            path = store.path(result["kind"], result["key"], name)  # local (a cached copy for object stores)
+            path = store.path(result["kind"], key, name)  # local (a cached copy for object stores)
             if path.exists():
                 self.client.log_artifact(rid, str(path))
+        trials = self._trial_runs(rid) if reused else {}
         for trial in result.get("trials", []):  # a search's trials, nested under its run
-            self.log_trial(rid, study_id, result["key"], trial)
+            self.log_trial(rid, study_id, key, trial, trials.get(str(trial["trial_id"])))
         self.client.set_terminated(rid, "FINISHED")
         return rid
 
@@ -284,31 +327,53 @@ class Tracker:
                 metrics += [Metric(f"finding/{name}/{k}", float(v), now, 0) for k, v in values.items()]
         self.log_batches(run_id, metrics, [], tags)
 
-    def log_trial(self, stage_run_id: str, study_id: str, key: str, trial: dict) -> None:
-        """One nested run per trial: the sampled values as params, the proxy curve as a metric series."""
+    def _trial_runs(self, stage_run_id: str) -> dict:
+        """A reused stage run's trial runs by trial id (one paged search): the ones an earlier try created."""
+        return {r.data.tags.get("ddray.trial_id"): r for r in self.children(stage_run_id)
+                if "ddray.trial_of" in r.data.tags}
+
+    def log_trial(self, stage_run_id: str, study_id: str, key: str, trial: dict, existing=None) -> None:
+        """One nested run per trial: the sampled values as params, the proxy curve as a metric series.
+        `existing`: the trial's run from an earlier try of the stage; done if it was terminated, else reused."""
         from mlflow.entities import Metric, Param, RunTag  # MLflow: slow to import, only where a run is logged
 
-        tags = {PARENT_TAG: stage_run_id, "ddray.study_id": study_id, "ddray.trial_of": key,
-                "ddray.trial_id": trial["trial_id"], "ddray.stopped_early": str(trial["stopped_early"]).lower()}
+        status = "FAILED" if trial["error"] else "FINISHED"
+        if existing is not None and existing.info.status == status:
+            return
+        identity = {PARENT_TAG: stage_run_id, "ddray.study_id": study_id, "ddray.trial_of": key,
+                    "ddray.trial_id": str(trial["trial_id"])}
+        tags = {**identity, "ddray.stopped_early": str(trial["stopped_early"]).lower()}
         if trial["best"]:
             tags["ddray.best_trial"] = "true"
         if trial["error"]:
             tags["ddray.error"] = trial["error"]
-        run = self.client.create_run(self.experiment_id, run_name=f"trial {trial['trial_id']}",
-                                     tags={PARENT_TAG: stage_run_id})
-        now = int(time.time() * 1000)
-        metrics = [Metric(name, float(point[name]), now, int(point["iterations"]))
+        run = existing or self.client.create_run(self.experiment_id, run_name=f"trial {trial['trial_id']}",
+                                                 tags=identity)
+        self.created[("trial", stage_run_id, str(trial["trial_id"]))] = run.info.run_id
+        when = run.info.start_time  # the same on a retry: MLflow drops repeated points
+        metrics = [Metric(name, float(point[name]), when, int(point["iterations"]))
                    for point in trial["curve"] for name in point if name != "iterations"]
-        metrics.append(Metric("iterations_run", float(trial["iterations"]), now, 0))
+        metrics.append(Metric("iterations_run", float(trial["iterations"]), when, 0))
         params = [Param(k[:250], v) for k, v in flatten(trial["config"]).items()]
         self.log_batches(run.info.run_id, metrics, params, [RunTag(k, str(v)[:5000]) for k, v in tags.items()])
-        self.client.set_terminated(run.info.run_id, "FAILED" if trial["error"] else "FINISHED")
+        self.client.set_terminated(run.info.run_id, status)
 
     def log_failure(self, parent_run_id: str, study_id: str, label: str, key: str, kind: str, error: str,
-                    driver: str) -> None:
-        run = self.client.create_run(self.experiment_id, run_name=label[:250], tags={
-            PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": key,
-            "ddray.stage_kind": kind, "ddray.error": error[:5000], "ddray.driver": driver})
+                    driver: str, retry: bool = False) -> None:
+        """A FAILED run for a stage that failed under this driver (one per driver: its final failure)."""
+        identity = ("failure", parent_run_id, key)
+        tags = {PARENT_TAG: parent_run_id, "ddray.study_id": study_id, "ddray.stage_key": key,
+                "ddray.stage_kind": kind, "ddray.error": error[:5000], "ddray.driver": driver}
+        if retry:
+            found = [r for r in self._runs_tagged(identity, {PARENT_TAG: parent_run_id, "ddray.stage_key": key,
+                                                             "ddray.driver": driver})
+                     if "ddray.error" in r.data.tags]
+            if found:
+                if found[0].info.status != "FAILED":
+                    self.client.set_terminated(found[0].info.run_id, "FAILED")
+                return
+        run = self.client.create_run(self.experiment_id, run_name=label[:250], tags=tags)
+        self.created[identity] = run.info.run_id
         self.client.set_terminated(run.info.run_id, "FAILED")
 
     def kill(self, run_id: str) -> None:
@@ -323,29 +388,60 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
 
-def curves(store, result: dict) -> list:
-    """A stage's curves as MLflow metric series: a distillation's (or a search's best trial's) objective
-    by iteration, a PTM's training by epoch, an evaluation's validation accuracy (mean over networks) by
-    checked epoch."""
-    from mlflow.entities import Metric  # MLflow: slow to import, only where a run is logged
+def quoted(value: str) -> str:
+    """A value inside a single-quoted MLflow filter string."""
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
-    kind, key, now = result["kind"], result["key"], int(time.time() * 1000)
-    out = []
+
+def stage_tags(result: dict) -> dict[str, str]:
+    """A stage run's descriptive tags: its coordinates, a long label, where it ran."""
+    tags = {k[:250]: v[:5000] for k, v in
+            ((f"ddray.{k}", str(v)) for k, v in result.get("coords", {}).items() if v is not None)}
+    if len(result["label"]) > 250:  # run names are cut at 250 characters
+        tags["ddray.label"] = result["label"][:5000]
+    run_info = result.get("run", {})
+    for name in ("host", "node", "device", "attempt"):
+        if run_info.get(name):
+            tags[f"ddray.run.{name}"] = str(run_info[name])
+    return tags
+
+
+class StoreReadError(Exception):
+    """A stage's stored data could not be read (a damaged or unreachable file): that stage is not logged,
+    and it says nothing about the tracking server, so logging goes on."""
+
+    def __init__(self, key: str, cause: BaseException):
+        super().__init__(f"{key}: reading the stored stage failed ({reason(cause)})")
+        self.key = key
+
+
+def read_stage(store, result: dict) -> tuple[list, list]:
+    """What a stage's run needs from the store, read before any MLflow call: its curve points
+    (name, value, step) and its dataset inputs. Any failure is the item's own (`StoreReadError`)."""
     try:
-        if kind in ("distill", "search", "ptm") and "history.json" in result.get("artifacts", []):
-            step_of = "epoch" if kind == "ptm" else "iteration"
-            for record in store.read_json(kind, key, "history.json"):
-                step = int(record.get(step_of, 0))
-                out += [Metric(name, float(v), now, step) for name, v in record.items()
-                        if name != step_of and isinstance(v, (int, float)) and math.isfinite(v)]
-        elif kind == "evaluate":
-            by_epoch: dict[int, list[float]] = {}
-            for run in store.read_json(kind, key, "repeats.json"):
-                for epoch, acc in run.get("val_curve", []):
-                    by_epoch.setdefault(int(epoch), []).append(float(acc))
-            out = [Metric("val_acc", sum(v) / len(v), now, e) for e, v in sorted(by_epoch.items())]
-    except (OSError, ValueError, KeyError):  # an older stage without curves: nothing to chart
-        return []
+        return curve_points(store, result), input_datasets(store, result)
+    except Exception as exc:
+        raise StoreReadError(result["key"], exc) from exc
+
+
+def curve_points(store, result: dict) -> list[tuple[str, float, int]]:
+    """A stage's curves as (metric, value, step): a distillation's (or a search's best trial's) objective
+    by iteration, a PTM's training by epoch, an evaluation's validation accuracy (mean over networks) by
+    checked epoch. A stage stored without them has none; a listed file that cannot be read raises."""
+    kind, key, artifacts = result["kind"], result["key"], result.get("artifacts", [])
+    out = []
+    if kind in ("distill", "search", "ptm") and "history.json" in artifacts:
+        step_of = "epoch" if kind == "ptm" else "iteration"
+        for record in store.read_json(kind, key, "history.json"):
+            step = int(record.get(step_of, 0))
+            out += [(name, float(v), step) for name, v in record.items()
+                    if name != step_of and isinstance(v, (int, float)) and math.isfinite(v)]
+    elif kind == "evaluate" and "repeats.json" in artifacts:
+        by_epoch: dict[int, list[float]] = {}
+        for run in store.read_json(kind, key, "repeats.json"):
+            for epoch, acc in run.get("val_curve", []):
+                by_epoch.setdefault(int(epoch), []).append(float(acc))
+        out = [("val_acc", sum(v) / len(v), e) for e, v in sorted(by_epoch.items())]
     return out
 
 
@@ -374,46 +470,113 @@ def input_datasets(store, result: dict) -> list:
     return out
 
 
+# MLflow's answers that a request itself is wrong while the server is up: retrying that item cannot help
+REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE", "BAD_REQUEST"}
+MAX_TRIES = 3  # tries of one item, each after the server answered a probe, before it is given up
+
+
+def item_refused(exc: BaseException) -> bool:
+    return isinstance(exc, StoreReadError) or getattr(exc, "error_code", None) in REFUSED
+
+
+@dataclass(eq=False)
+class Item:
+    """One thing to log: a stage's run, a failure's run, or a refresh of what is FINISHED."""
+
+    kind: str  # "stage", "failure" or "refresh"
+    key: str
+    args: tuple
+    recheck: bool = False  # a stored stage: skipped if its key is among the FINISHED ones
+    tries: int = 0  # failed calls so far: the next call is a retry, which looks its run up first
+
+
 class TrackingQueue:
     """Logs stages from a background thread; failures are counted, never raised into the study.
 
-    After a failed call the queue stops calling MLflow (items wait in `missing`)
-    and probes the server every `probe_s` seconds; when it answers again the
-    waiting items are logged. `drain` waits for the queue to empty (bounded).
+    After a failed MLflow call the queue stops calling MLflow (items wait in
+    `missing`) and probes the server every `probe_s` seconds; when it answers
+    again the waiting items are tried again. An item whose own data is bad (its
+    stored files cannot be read) or that MLflow refuses is given up alone, and
+    so is one still failing after MAX_TRIES tries. `drain` waits for the queue
+    to empty (bounded); every item not logged by then, the one in flight
+    included, is counted as not logged.
     """
 
     def __init__(self, tracker: Tracker, parent: str | None, study_id: str, driver: str,
-                 on_logged=None, probe_s: float = 15.0):
+                 on_logged=None, probe_s: float = 15.0, finished: set[str] | None = None):
         self.tracker, self.parent, self.study_id, self.driver = tracker, parent, study_id, driver
-        self.on_logged = on_logged or (lambda key: None)  # called in the thread after each logged stage
+        self.on_logged = on_logged or (lambda key: None)  # called in the thread once a stage's run is complete
         self.probe_s = probe_s
+        self.finished = finished if finished is not None else set()  # keys with a FINISHED run (the session's)
         self.items: queue.Queue = queue.Queue()
-        self.missing: list[tuple] = []
+        self.missing: list[Item] = []
+        self.given_up: list[Item] = []
         self.logged = 0
         self.errors: list[str] = []
+        self.outages = 0  # how often logging was paused for a failing server
         self.down_since: float | None = None if parent else time.time()
-        self._busy = threading.Event()
+        self._open: dict[int, Item] = {}  # every item put and not yet logged, in order: what drain reports
+        self.current: Item | None = None  # the item being logged now
+        self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._abandon = threading.Event()  # drain's deadline passed: take nothing more from the queue
         self.thread = threading.Thread(target=self._loop, name="ddray-tracking", daemon=True)
         self.thread.start()
 
+    def _put(self, item: Item) -> None:
+        with self._lock:
+            self._open[id(item)] = item
+        self.items.put(item)
+
     def stage(self, result: dict, store, cached: bool, recheck: bool = False) -> None:
-        """Log a stage's run; `recheck`: first make sure no FINISHED run exists (a stage found in the store)."""
-        self.items.put(("stage", result, store, cached, recheck))
+        """Log a stage's run; `recheck`: a stage found in the store, skipped if it has a FINISHED run."""
+        self._put(Item("stage", result["key"], (result, store, cached), recheck))
 
     def failure(self, label: str, key: str, kind: str, error: str) -> None:
-        self.items.put(("failure", label, key, kind, error))
+        self._put(Item("failure", key, (label, kind, error)))
 
-    def _call(self, item: tuple) -> None:
-        if item[0] == "stage":
-            _, result, store, cached, recheck = item
-            if not (recheck and self.tracker.finished_child(self.parent, result["key"])):
-                self.tracker.log_stage(self.parent, self.study_id, result, store, cached, self.driver)
-            self.on_logged(result["key"])
+    def refresh(self) -> None:
+        """Learn which stages have a FINISHED run now (one paged search), before the stored stages queued
+        after this: another driver may have logged one since the session opened."""
+        self._put(Item("refresh", "", ()))
+
+    def _call(self, item: Item) -> None:
+        retry = item.tries > 0
+        if item.kind == "refresh":
+            self.finished |= self.tracker.finished_keys(self.parent)
+        elif item.kind == "stage":
+            result, store, cached = item.args
+            if not (item.recheck and item.key in self.finished):
+                self.tracker.log_stage(self.parent, self.study_id, result, store, cached, self.driver, retry=retry)
         else:
-            _, label, key, kind, error = item
-            self.tracker.log_failure(self.parent, self.study_id, label, key, kind, error, self.driver)
-        self.logged += 1
+            label, kind, error = item.args
+            self.tracker.log_failure(self.parent, self.study_id, label, item.key, kind, error, self.driver,
+                                     retry=retry)
+
+    def _done(self, item: Item) -> None:
+        with self._lock:
+            self._open.pop(id(item), None)
+            if item.kind != "refresh":
+                self.logged += 1
+        if item.kind == "stage":
+            self.on_logged(item.key)  # only now: its lease is held until its run is complete
+
+    def _failed(self, item: Item, exc: Exception) -> None:
+        """The item's own fault: give it up alone. Else the server's: pause, keep the item for the probe."""
+        item.tries += 1
+        text = redact_text(reason(exc), self.tracker.uri)
+        if item_refused(exc) or item.tries >= MAX_TRIES:
+            self.given_up.append(item)
+            if item.kind == "refresh":  # the stages after it are still logged, each checked on a retry
+                with self._lock:
+                    self._open.pop(id(item), None)
+            else:
+                self.errors.append(f"{item.key}: {text}")
+            return
+        self.errors.append(text)
+        self.missing.append(item)
+        self.down_since = time.time()
+        self.outages += 1
 
     def _probe(self) -> bool:
         if self.parent is None:
@@ -430,7 +593,7 @@ class TrackingQueue:
 
     def _loop(self) -> None:
         last_probe = 0.0
-        while not self._stop.is_set() or not self.items.empty():
+        while not self._abandon.is_set() and (not self._stop.is_set() or not self.items.empty()):
             try:
                 item = self.items.get(timeout=0.2)
             except queue.Empty:
@@ -438,28 +601,36 @@ class TrackingQueue:
                     last_probe = time.time()
                     self._probe()
                 continue
-            self._busy.set()
             try:
-                if self.down_since is not None:
+                if self.down_since is not None or self._abandon.is_set():
                     self.missing.append(item)
                     continue
+                self.current = item
                 try:
                     self._call(item)
-                except Exception as exc:  # the server went away: keep the item, stop calling for a while
-                    self.errors.append(redact_text(reason(exc), self.tracker.uri))
-                    self.missing.append(item)
-                    self.down_since = last_probe = time.time()
+                except Exception as exc:  # each failure is judged: this item's, or the server's
+                    self._failed(item, exc)
+                    last_probe = time.time()
+                else:
+                    self._done(item)
             finally:
+                self.current = None
                 self.items.task_done()
-                self._busy.clear()
 
     def drain(self, timeout: float = 120.0) -> dict:
-        """Wait until everything queued is logged (or the server is down); return what happened."""
+        """Wait until everything queued is logged (or the server is down); return what happened: every item
+        put and not logged by then (waiting, given up, or still in flight) is in `not_logged`; `in_flight`
+        names a stage still being logged (its lease is released by `on_logged` only once it is done)."""
         deadline = time.time() + timeout
         while time.time() < deadline and self.down_since is None and self.items.unfinished_tasks:
             time.sleep(0.05)
         self._stop.set()
         self.thread.join(timeout=max(0.0, deadline - time.time()) if self.down_since is None else 1.0)
-        left = self.missing + list(self.items.queue)
-        return {"logged": self.logged, "not_logged": len(left), "errors": self.errors[:3],
-                "not_logged_keys": [i[1]["key"] if i[0] == "stage" else i[2] for i in left]}
+        self._abandon.set()  # an item in flight may still finish (then its lease is released), nothing after it
+        current = self.current
+        with self._lock:
+            left = [i for i in self._open.values() if i.kind != "refresh"]
+            return {"logged": self.logged, "not_logged": len(left), "errors": self.errors[:3],
+                    "not_logged_keys": [i.key for i in left],
+                    "failed_keys": [i.key for i in self.given_up if i.kind != "refresh"],
+                    "in_flight": current.key if current is not None and current.kind == "stage" else None}

@@ -54,3 +54,7 @@ def test_orchestration_benchmark_quick_prints_its_json_interface():
     for key in ("per_stage_overhead_ms", "scale_growth", "tracking_ms_per_stage", "mlflow_floor_ms"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["stages"][1] >= 10 * result["stages"][0] * 0.99
+    # issue 18: a renew pass at 10,000 held leases on moto, and the queries of a resync after an outage
+    assert isinstance(result["lease_renew_pass_10k_s"], float) and 0 < result["lease_renew_pass_10k_s"]
+    assert isinstance(result["lease_renew_pass_10k_ttl_fraction"], float)  # the target is the README's, not a test's
+    assert isinstance(result["resync_queries_10k"], int) and result["resync_queries_10k"] <= 10

@@ -73,3 +73,23 @@ def test_a_damaged_finished_leaf_is_rebuilt_by_the_next_submit(tmp_path):
     assert study_results(store, load_record(store, spec.study_id)) == second.results  # results work again
     third = submit_study(spec, "spec", **kwargs)  # nothing damaged: nothing runs
     assert third.counts["cached"] == len(graph.stages) and store.attempts(leaf.key) == 2
+
+
+def test_a_damaged_leaf_is_set_aside_only_under_its_lease(tmp_path):
+    """Another live driver holds the damaged leaf's lease (it is rebuilding it): the resubmit's check
+    leaves it alone; once the lease is free, the check sets it aside (and the scheduler rebuilds it)."""
+    import os
+
+    from orchestrator.execution.submit import quarantine_damaged
+    from orchestrator.storage.leases import Leases, Owner
+
+    spec, store, leaf, _, _ = damaged_study(tmp_path)
+    graph = build_stage_graph(spec)
+    other = Leases(store.root, Owner("other-driver", "elsewhere", os.getpid(), "elsewhere.0000000000"))
+    assert other.acquire(leaf.key)
+    mine = Leases(store.root, Owner.here())
+    quarantine_damaged(store, graph, [leaf.key], mine)
+    assert store.exists("evaluate", leaf.key), "set aside a stage another driver holds"
+    other.release(leaf.key)
+    quarantine_damaged(store, graph, [leaf.key], mine)
+    assert not store.exists("evaluate", leaf.key) and not mine.held

@@ -18,7 +18,7 @@ from orchestrator.execution.scheduler import Scheduler
 from orchestrator.plan.graph import StageGraph
 from orchestrator.spec.models import ResourcesSpec
 from orchestrator.stages.base import Stage
-from orchestrator.storage.files import HOST
+from orchestrator.storage.files import HOST, PLACE
 from orchestrator.storage.leases import Leases, Owner
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.studies import StudyLog, load_record
@@ -232,7 +232,7 @@ def test_a_stage_whose_lease_falls_free_unpublished_is_computed_here(tmp_path):
 def test_a_stage_whose_lease_is_held_by_a_dead_driver_is_taken_over(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     graph, k = diamond()
-    dead = Owner("dead-driver", HOST, 2**22 + 12345)  # no such process on this host
+    dead = Owner("dead-driver", HOST, 2**22 + 12345, PLACE)  # no such process on this host
     assert not dead.alive()
     assert Leases(store.root, dead).acquire(k["a"])
     runner = Counting()

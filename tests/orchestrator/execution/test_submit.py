@@ -16,6 +16,7 @@ from orchestrator.execution.executors import InlineExecutor
 from orchestrator.execution.scheduler import Scheduler
 from orchestrator.execution.submit import submit_study
 from orchestrator.plan.graph import build_stage_graph
+from orchestrator.reporting.progress import StudyProgress
 from orchestrator.spec.loading import parse_spec
 from orchestrator.stages.worker import execute_stage
 from orchestrator.storage.leases import Leases, Owner
@@ -157,9 +158,23 @@ def test_submit_study_inline_end_to_end(tmp_path, monkeypatch):
     spec = parse_spec(TINY)
     kwargs = dict(store_root=str(tmp_path / "store"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
                   executor=InlineExecutor)
-    first = submit_study(spec, "spec", **kwargs)
+    events = []
+    first = submit_study(spec, "spec", on_event=events.append, **kwargs)
     assert first.state == "succeeded", first.errors
     assert first.counts["executed"] == first.counts["total"] == 1 + 1 + 3 + 3
+    # the start event holds counts per kind (its size does not grow with the study); stage events name
+    # their stage, so a follower of the job log rebuilds the live view from events alone
+    (start,) = [e for e in events if e["type"] == "start"]
+    assert "stages" not in start and sum(sum(v.values()) for v in start["counts"].values()) == 8
+    assert start["counts"]["evaluate"]["pending"] == 3
+    progress = StudyProgress()
+    for e in events:
+        if e["type"] == "start":
+            progress.start(e["counts"])
+        elif e["type"] == "stage":
+            assert {"kind", "label"} <= set(e)
+            progress.stage(e["key"], e["state"], e.get("run_s"), e["kind"], e["label"])
+    assert progress.state_counts() == first.counts and progress.finished() == 8
     rows = first.results
     assert {(r["method"], r["guidance"]) for r in rows} == {("dm", "none"), ("dm", "clom:p:a0.1"), ("random", "none")}
     assert all(math.isfinite(r["acc_mean"]) and r["n_distillations"] == 1 for r in rows)

@@ -6,11 +6,10 @@ Trial executions are counted from the attempt files each trial leaves in the sto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +69,8 @@ def test_asha_stops_the_bad_region_early_and_trials_are_nested_runs_with_one_bes
     assert len(best) == 1 and best[0]["val_acc"] == max(t["val_acc"] for t in complete)
     assert result["search"]["trial_iterations"] == sum(t["iterations"] for t in trials) < 4 * 30
 
+    assert not (store / "searches" / result["key"]).exists()  # published: Tune's state is deleted
+
     runs = mlflow_runs(uri, "ddray/search")
     (stage_run,) = [r for r in runs if r.data.tags.get("ddray.stage_kind") == "search"]
     trial_runs = [r for r in runs if r.data.tags.get("ddray.trial_of") == result["key"]]
@@ -109,15 +110,20 @@ def test_optuna_with_a_fixed_seed_proposes_the_same_trials_twice(tmp_path):
     assert proposed[0] == proposed[1]
 
 
-def finished_trials(store: Path, before: float) -> set[str]:
-    """Trials the search's log says finished before time `before` (the log's own timestamps)."""
-    out = set()
-    for log in store.glob("attempts/search-*/*.log"):
-        for line in log.read_text().splitlines():
-            m = re.match(r"(\S+ \S+),(\d+) INFO trial (\S+) finished", line)
-            if m and time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 < before:
-                out.add(m.group(3))
-    return out
+def signed_trials(store: Path) -> set[str]:
+    """The trials Tune's experiment state records as terminated, in the state as signed (`ddray-state.sig`):
+    what a resume must not run again."""
+    try:
+        (sig,) = list(store.glob("searches/search-*/ddray-state.sig"))
+        signed = dict(json.loads(sig.read_text())["files"])
+        newest = max(r for r in signed if r.startswith("experiment_state-"))
+        data = (sig.parent / newest).read_bytes()
+        if hashlib.sha256(data).hexdigest() != signed[newest]:
+            return set()  # rewritten since it was signed
+        trials = [json.loads(state) for state, _ in json.loads(data)["trial_data"]]
+    except (ValueError, OSError, KeyError, TypeError):
+        return set()
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
 
 
 def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_trials(tmp_path):
@@ -126,16 +132,17 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     store, uri = tmp_path / "store", f"sqlite:///{tmp_path}/mlflow.db"
     p = submit(spec, store, uri, log=tmp_path / "killed.log")
     try:
-        wait_for(lambda: len(finished_trials(store, time.time())) >= 2, timeout=300, every=0.5,
-                 what="two finished trials")
-        time.sleep(2.5)  # Tune saves its experiment state every second: these two are in it
-        killed_at = time.time()
+        # Tune saves its state every 10 s and the coordinator signs it within seconds: once two finished
+        # trials are in the signed state, the driver is killed
+        wait_for(lambda: len(signed_trials(store)) >= 2, timeout=300, every=0.2,
+                 what="two finished trials in the signed state")
+        done = signed_trials(store)
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
     finally:
         reap(p)
-    done = finished_trials(store, killed_at - 2.0)
     assert 2 <= len(done) < 6 and not list(store.glob("stages/search/*/manifest.json"))
+    assert list(store.glob("searches/search-*/tuner.pkl"))  # not published: the state is kept for the resume
 
     log = tmp_path / "resumed.log"
     assert finish(submit(spec, store, uri, log=log)) == 0, log.read_text()[-3000:]
@@ -144,5 +151,6 @@ def test_a_search_whose_driver_is_killed_resumes_without_rerunning_finished_tria
     executions = trial_executions(store)
     assert len(executions) == 6 and all(executions[t] == 1 for t in done)  # no finished trial ran again
     logs = "\n".join(f.read_text() for f in store.glob("attempts/search-*/*.log"))
-    assert "resuming the search from" in logs
+    assert "resuming the search from" in logs and "not resuming" not in logs
+    assert not list(store.glob("searches/search-*/tuner.pkl"))
     assert ddray("study", "status", "search", "--store", store, "--json").returncode == 0

@@ -21,7 +21,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from orchestrator.errors import UserError
 from orchestrator.execution import scheduler as scheduler_module
 from orchestrator.execution.submit import Heartbeat
-from orchestrator.storage.files import HOST
+from orchestrator.storage.files import HOST, PLACE
 from orchestrator.storage.leases import DEFAULT_TTL_S, Leases, Owner
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.objects import ObjectLeases
@@ -62,7 +62,9 @@ def book(request, tmp_path):
 
 
 def owner(name: str, pid: int | None = None, host: str = HOST) -> Owner:
-    return Owner(name, host, os.getpid() if pid is None else pid)
+    """A driver on `host`: this place (host, boot, PID namespace) when it is this host, so a pid that does
+    not exist here is provably dead; another place otherwise."""
+    return Owner(name, host, os.getpid() if pid is None else pid, PLACE if host == HOST else f"{host}.0000000000")
 
 
 @contextlib.contextmanager
@@ -344,3 +346,169 @@ def test_no_conditional_writes_memory_is_allowed_and_atomic_within_its_process()
     url = f"memory://ddray-{uuid.uuid4().hex[:10]}"
     takers = [ObjectLeases(url, owner(f"d{i}")) for i in range(8)]
     assert len(race(takers, "free")) == 1
+
+
+# --- 7. renewal cost grew with the leases held ------------------------------------------------------------
+
+
+class CountingWrites:
+    """Counts the store writes of one book's renew passes (lease renewals and liveness-record writes)."""
+
+    def __init__(self, book):
+        self.renews = self.beats = 0
+        real_renew, real_beat = book._renew, book._write_beat
+
+        def renew(*args):
+            self.renews += 1
+            return real_renew(*args)
+
+        def beat(*args):
+            self.beats += 1
+            return real_beat(*args)
+
+        book._renew, book._write_beat = renew, beat
+
+
+def test_scale_a_renew_pass_writes_a_bounded_number_of_objects_however_many_leases_are_held(book, clock):
+    a = book(owner("a", host="elsewhere"))
+    names = [f"k{i}" for i in range(200)]
+    assert all(a.acquire(n) for n in names)
+    writes = CountingWrites(a)
+    for _ in range(5):
+        clock.advance(5)
+        a.renew()
+    assert writes.beats == 5  # one liveness record write per pass
+    assert writes.renews == 5 * a.VERIFY_PER_PASS  # and a fixed few leases renewed in turn: not 200 per pass
+    assert a.beat_of("a")["beats"] == 5
+
+
+def test_scale_leases_outside_the_renew_turn_stay_fresh_through_the_drivers_liveness_record(book, clock):
+    """Only the record moves for most leases; a reader must still see every one of them as alive, and
+    take them over one TTL after the driver stops beating."""
+    a, b = book(owner("a", host="elsewhere"), ttl=60), book(owner("b"))
+    names = [f"k{i}" for i in range(40)]
+    assert all(a.acquire(n) for n in names)
+    assert not any(b.acquire(n) for n in names)  # b first sees them now
+    for _ in range(12):  # three minutes of a beating every 15 s
+        clock.advance(15)
+        a.renew()
+        assert not any(b.acquire(n) for n in names), "a lease of a live driver was taken over"
+    untouched = names[-1]  # with 8 renewed per pass some were renewed only twice in three minutes
+    clock.advance(61)  # a stops: nothing of it moves for a TTL by b's clock
+    assert b.acquire(untouched) and b.token(untouched) > a.token(untouched)
+
+
+def test_scale_after_a_stall_every_lease_at_risk_is_checked_before_the_driver_goes_on(book, clock):
+    """The driver was paused longer than the TTL (SIGSTOP, a long GC, the store unreachable): others may
+    have taken some of its leases. Its next pass finds each of those lost, not only the few in turn."""
+    a, b = book(owner("a", host="elsewhere"), ttl=60), book(owner("b"))
+    names = [f"k{i}" for i in range(30)]
+    assert all(a.acquire(n) for n in names)
+    assert not b.acquire("k29")
+    clock.advance(61)
+    assert b.acquire("k29")  # a looked gone
+    lost = a.renew()
+    assert lost == ["k29"] and a.lost() == ["k29"] and a.held == set(names[:-1])
+    assert b.still_held("k29")
+
+
+def test_scale_a_stall_with_the_store_down_loses_only_leases_without_a_sign_of_life_for_a_ttl(book, clock):
+    a = book(owner("a", host="elsewhere"), ttl=60)
+    assert a.acquire("old")
+    clock.advance(30)
+    a.renew()  # the record written at t=30
+    clock.advance(20)
+    assert a.acquire("new")  # t=50
+    broken = RuntimeError("store unreachable")
+
+    def down(*args):
+        raise broken
+
+    a._write_beat, a._renew = down, down
+    clock.advance(45)  # t=95: "old" last showed life at 30 (65 s ago), "new" at 50 (45 s ago)
+    with pytest.raises(RuntimeError):
+        a.renew()
+    assert a.lost() == ["old"] and a.held == {"new"}
+
+
+# --- 10. process identity was host + pid --------------------------------------------------------------
+
+
+def test_process_identity_a_pid_of_another_pid_namespace_on_the_same_hostname_is_not_judged_dead():
+    other_container = Owner("x", HOST, DEAD_PID, f"{HOST}.ffffffffff")  # same hostname, its own PID namespace
+    assert other_container.alive()  # cannot tell from here: its leases wait a TTL, never taken at once
+    assert not Owner("x", HOST, DEAD_PID, PLACE).alive()  # this place, no such process: dead
+
+
+def test_process_identity_a_reused_pid_is_judged_dead_by_its_start_time():
+    from orchestrator.storage.files import START
+
+    assert Owner.here().alive()
+    assert START  # /proc is here
+    assert not Owner("x", HOST, os.getpid(), PLACE, str(int(START) + 1)).alive()  # this pid, another process
+    assert Owner("x", HOST, os.getpid(), PLACE, START).alive()
+
+
+def test_process_identity_temp_names_carry_the_place_and_start_time(tmp_path):
+    from orchestrator.storage.files import START, writer_gone, writer_of, writer_tag
+
+    name = f".k.tmp-{writer_tag()}-abcd1234"
+    assert writer_of(name) == (PLACE, os.getpid(), START) and not writer_gone(name)
+    assert writer_gone(f".k.tmp-{PLACE}-{DEAD_PID}-0-abcd1234")
+    assert not writer_gone(f".k.tmp-{HOST}.ffffffffff-{DEAD_PID}-0-abcd1234")  # another PID namespace
+    assert writer_gone(f".k.tmp-{PLACE}-{os.getpid()}-{int(START) + 1}-abcd1234")  # this pid reused
+
+
+# --- 2b. a driver that lost its lease still published ---------------------------------------------------
+
+
+@pytest.mark.parametrize("medium", ["posix", "file"])
+def test_publish_fence_a_worker_whose_lease_was_taken_over_cannot_publish(tmp_path, medium):
+    from orchestrator.storage.leases import FenceRejected
+    from orchestrator.storage.objects import ObjectStore
+
+    root = tmp_path / "store"
+    store = ArtifactStore(root) if medium == "posix" else ObjectStore(f"file://{root}", cache_dir=tmp_path / "cache")
+    books = (lambda o: Leases(root, o)) if medium == "posix" else (lambda o: ObjectLeases(store, o))
+    a, b = books(owner("a", DEAD_PID)), books(owner("b"))  # a looks dead (this place, no such pid)
+    assert a.acquire("ptm-0123") and b.acquire("ptm-0123")  # b took it over while a computed
+    with pytest.raises(FenceRejected):
+        store.write_stage("ptm", "ptm-0123", {"result.json": b"{}"}, {}, fence=a.token("ptm-0123"))
+    assert not store.exists("ptm", "ptm-0123"), "the former holder published"
+    store.write_stage("ptm", "ptm-0123", {"result.json": b"{}"}, {}, fence=b.token("ptm-0123"))
+    assert store.is_complete("ptm", "ptm-0123", full=True)
+    with pytest.raises(FenceRejected):  # no lease at all: nobody may publish under a token
+        store.write_stage("ptm", "ptm-4567", {"result.json": b"{}"}, {}, fence=1)
+
+
+def test_publish_fence_the_scheduler_passes_its_token_and_waits_for_the_new_holder(tmp_path, fast_poll):
+    """The stage's lease passes to another driver (which then dies) while it runs: its publish is refused
+    (the worker publishes with the stage's fence, as `finish_stage` does), the stage is not taken as done,
+    and it is computed again under a new token once the taker is gone; the study succeeds."""
+    store = ArtifactStore(tmp_path / "store")
+    graph, k = diamond()
+    tokens = []
+
+    class Fenced(Counting):
+        def __call__(self, stage, store_root, cpus, gpus, runtime):
+            self.calls.append(stage.key)
+            tokens.append((stage.key, stage.fence))
+            if stage.key == k["a"] and self.calls.count(k["a"]) == 1:  # taken over by a driver that then died
+                path = store.root / "leases" / f"{stage.key}.json"
+                info = json.loads(path.read_text())
+                path.write_text(json.dumps({**info, "driver": "taker", "pid": DEAD_PID, "place": PLACE,
+                                            "token": info["token"] + 1}))
+            result = {"key": stage.key, "kind": stage.kind, "label": stage.label, "metrics": {"value": 1.0}}
+            ArtifactStore(store_root).write_stage(stage.kind, stage.key, {"result.json": repr(result).encode()},
+                                                  {}, fence=stage.fence)
+            return result
+
+    runner = Fenced()
+    state, log, events, executed = run_scheduler(store, graph, runner)
+    assert state == "succeeded"
+    assert runner.calls.count(k["a"]) == 2  # refused once, then computed under its own new lease
+    first, second = [t for key, t in tokens if key == k["a"]]
+    assert isinstance(first, int) and second > first + 1  # the taker's token came in between
+    assert all(isinstance(t, int) for _, t in tokens)
+    assert any(e["type"] == "warning" and "not published" in e["message"] for e in events)
+    assert k["a"] in executed and log.states[k["a"]] == "executed"

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from orchestrator.storage import leases as leases_module
-from orchestrator.storage.files import HOST
+from orchestrator.storage.files import HOST, PLACE
 from orchestrator.storage.leases import BREAKER_STALE_S, Leases, Owner
 
 
@@ -85,7 +85,7 @@ def test_renew_bumps_the_counter_and_keeps_the_owner(tmp_path):
 def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(tmp_path):
     (tmp_path / "leases").mkdir()
     (tmp_path / "leases" / "k.json").write_text(json.dumps(
-        {"driver": "gone", "host": HOST, "pid": 2**22 + 77}))
+        {"driver": "gone", "host": HOST, "pid": 2**22 + 77, "place": PLACE}))
     takers = [Leases(tmp_path, Owner(f"d{i}", HOST, os.getpid())) for i in range(8)]
     won = race(takers, "k")
     assert len(won) == 1

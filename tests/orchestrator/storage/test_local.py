@@ -89,13 +89,13 @@ def test_a_damaged_copy_is_quarantined_when_the_stage_is_written_again(tmp_path)
 def test_temp_dirs_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
     import os
 
-    from orchestrator.storage.files import HOST
+    from orchestrator.storage.files import PLACE, START
 
     store = ArtifactStore(tmp_path)
     kind_dir = tmp_path / "stages" / "ptm"
-    dead = kind_dir / f".k1.tmp-{HOST}-{2**22 + 4321}-abcd1234"
-    live = kind_dir / f".k2.tmp-{HOST}-{os.getpid()}-abcd1234"
-    remote = kind_dir / ".k3.tmp-otherhost-1-abcd1234"
+    dead = kind_dir / f".k1.tmp-{PLACE}-{2**22 + 4321}-0-abcd1234"
+    live = kind_dir / f".k2.tmp-{PLACE}-{os.getpid()}-{START}-abcd1234"
+    remote = kind_dir / ".k3.tmp-otherhost.1234567890-1-0-abcd1234"
     for d in (dead, live, remote):
         d.mkdir(parents=True)
     assert store.clean_temp() == [dead]

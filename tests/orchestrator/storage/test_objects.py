@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from orchestrator.storage import objects as objmod
-from orchestrator.storage.files import HOST, CorruptArtifact, tensors_to_bytes
+from orchestrator.storage.files import HOST, PLACE, START, CorruptArtifact, tensors_to_bytes
 from orchestrator.storage.leases import BREAKER_STALE_S, Leases, Owner
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.objects import ObjectLeases, ObjectStore, default_cache_dir
@@ -126,7 +126,7 @@ def test_write_and_read_back_on_another_node(url, tmp_path):
     assert b.meta("dataset", "k1") == {"m": 1}
     # the manifest and the one writer's files, nothing else
     prefix = a.manifest("dataset", "k1")["prefix"]
-    assert prefix.startswith(f".tmp-{HOST}-{os.getpid()}-")
+    assert prefix.startswith(f".tmp-{PLACE}-{os.getpid()}-{START}-")
     assert listing(a, "stages", "dataset", "k1") == sorted(["manifest.json", f"{prefix}/a.pt", f"{prefix}/sub/b.json"])
     assert a.stage_keys("dataset") == ["k1"]
     # local copies for MLflow and the CLI
@@ -345,23 +345,23 @@ def test_attempt_logs_are_written_locally_and_published_beside_the_attempt(url, 
 def test_temp_prefixes_of_dead_writers_are_cleaned_and_published_and_live_ones_kept(url, tmp_path, monkeypatch):
     a = node(url, tmp_path, "a")
     base = a._k("stages", "ptm")
-    dead = f"{base}/k1/.tmp-{HOST}-{DEAD_PID}-abcd1234"
-    live = f"{base}/k2/.tmp-{HOST}-{os.getpid()}-abcd1234"
-    remote = f"{base}/k3/.tmp-otherhost-1-abcd1234"
+    dead = f"{base}/k1/.tmp-{PLACE}-{DEAD_PID}-0-abcd1234"
+    live = f"{base}/k2/.tmp-{PLACE}-{os.getpid()}-{START}-abcd1234"
+    remote = f"{base}/k3/.tmp-otherhost.1234567890-1-0-abcd1234"
     for p in (dead, live, remote):
         a.fs.pipe_file(p + "/part", b"x")
     # published stages whose writers are gone: their files are under those writers' prefixes, and stay
-    monkeypatch.setattr(objmod, "_temp_name", lambda: f".tmp-{HOST}-{DEAD_PID}-feedf00d")
+    monkeypatch.setattr(objmod, "_temp_name", lambda: f".tmp-{PLACE}-{DEAD_PID}-0-feedf00d")
     a.write_stage("ptm", "k4", {"a": b"1"}, {})
-    monkeypatch.setattr(objmod, "_temp_name", lambda: ".tmp-otherhost-2-feedf00d")
+    monkeypatch.setattr(objmod, "_temp_name", lambda: ".tmp-otherhost.1234567890-2-0-feedf00d")
     a.write_stage("ptm", "k5", {"a": b"1"}, {})
-    loser = f"{base}/k4/.tmp-{HOST}-{DEAD_PID + 1}-0000aaaa"  # a writer of k4 that died before it lost
+    loser = f"{base}/k4/.tmp-{PLACE}-{DEAD_PID + 1}-0-0000aaaa"  # a writer of k4 that died before it lost
     a.fs.pipe_file(loser + "/a", b"1")
     assert sorted(a.clean_temp()) == sorted([a.url_of(dead), a.url_of(loser)])
     assert a.clean_temp(now=time.time() + 2 * 86400) == [a.url_of(remote)]  # another host's: after a day
     assert a.objects.exists(live + "/part")
     assert a.is_complete("ptm", "k4", full=True) and a.is_complete("ptm", "k5", full=True)
-    assert listing(a, "stages", "ptm", "k4") == sorted(["manifest.json", f".tmp-{HOST}-{DEAD_PID}-feedf00d/a"])
+    assert listing(a, "stages", "ptm", "k4") == sorted(["manifest.json", f".tmp-{PLACE}-{DEAD_PID}-0-feedf00d/a"])
 
 
 def test_study_dir_is_local_and_the_store_pickles(url, tmp_path):
@@ -512,7 +512,7 @@ def test_renew_does_not_overwrite_a_takeover_that_lands_meanwhile(lease_url, tmp
 
 def test_a_stale_breaker_is_cleared_and_a_fresh_one_respected(lease_url, tmp_path, clock):
     files = LeaseFiles(lease_url, tmp_path)
-    files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID})
+    files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID, "place": PLACE})
     files.write({"driver": "breaking", "t": time.time()}, name="k.json.break")
     b = ObjectLeases(lease_url, Owner.here())
     assert not b.acquire("k") and files.exists("k.json.break")  # someone is breaking it right now
@@ -528,7 +528,7 @@ def test_concurrent_takers_of_a_stale_lease_end_with_exactly_one_holder(lease_ur
     files = LeaseFiles(lease_url, tmp_path)
     for round_ in range(3):
         name = f"k{round_}"
-        files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID}, name=f"{name}.json")
+        files.write({"driver": "gone", "host": HOST, "pid": DEAD_PID, "place": PLACE}, name=f"{name}.json")
         takers = [ObjectLeases(lease_url, Owner(f"d{round_}-{i}", HOST, os.getpid())) for i in range(8)]
         won = race(takers, name)
         assert len(won) == 1

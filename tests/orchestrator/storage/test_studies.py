@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -119,8 +120,11 @@ def test_a_driver_that_died_is_abandoned_not_running(tmp_path):
     beat = json.loads(path.read_text())
     path.write_text(json.dumps({**beat, "pid": 2**22 + 12345}))  # a pid that does not exist on this host
     assert load_record(store, "s-2")["state"] == "abandoned"
-    path.write_text(json.dumps({**beat, "host": "elsewhere", "heartbeat": beat["heartbeat"] - 3600}))
-    assert load_record(store, "s-2")["state"] == "abandoned"  # another host's driver, silent for an hour
+    path.write_text(json.dumps({**beat, "host": "elsewhere", "place": "elsewhere.0123456789"}))
+    assert load_record(store, "s-2")["state"] == "running"  # another host's driver, just heard from
+    old = path.stat().st_mtime - 3600
+    os.utime(path, (old, old))  # silent for an hour by the store's clock (its own "heartbeat" field is not read)
+    assert load_record(store, "s-2")["state"] == "abandoned"
     assert list_studies(store)[0]["state"] == "abandoned"
 
 

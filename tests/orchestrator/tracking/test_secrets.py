@@ -214,3 +214,13 @@ def test_ddray_ui_prints_only_the_redacted_uri(monkeypatch, capsys):
     assert seen["uri"] == uri  # the server gets the real URI (through its environment)
     assert PLANTED not in captured.out + captured.err
     assert "http://ddray:***@mlflow.internal:5000/?token=***" in captured.err + captured.out
+
+
+def test_stage_params_logged_to_mlflow_carry_no_credentials():
+    from orchestrator.tracking.tracker import flatten
+
+    params = flatten({"data": {"root": "s3://user:hunter2@bucket/data?X-Amz-Signature=abc123"}, "token": "s3cr3t",
+                      "ipc": 10})
+    text = json.dumps(params)
+    assert "hunter2" not in text and "abc123" not in text and "s3cr3t" not in text
+    assert params["ipc"] == "10" and params["data.root"].startswith("s3://")

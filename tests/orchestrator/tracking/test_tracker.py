@@ -58,7 +58,7 @@ class FlakyTracker:
         self.down, self.logged = False, []
         self.client = self
 
-    def log_stage(self, parent, study_id, result, store, cached, driver):
+    def log_stage(self, parent, study_id, result, store, cached, driver, retry=False):
         if self.down:
             raise ConnectionError("connection refused by pw")
         self.logged.append(result["key"])
