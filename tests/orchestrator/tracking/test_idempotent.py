@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -234,3 +235,99 @@ def test_a_search_retried_after_a_trials_lost_reply_keeps_one_run_per_trial(tmp_
     nested = tracker.children(stage.info.run_id)
     assert sorted((r.data.tags["ddray.trial_id"], r.info.status) for r in nested) == [("0", "FINISHED"),
                                                                                     ("1", "FINISHED")]
+
+
+# --- the same over the wire: a real MLflow server behind a proxy that drops one reply ------------------------
+
+
+class DroppingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of `upstream`: every request is forwarded (one upstream connection
+    per request), and the first `drops` replies to a request whose path ends with `path` are thrown away
+    (the client's connection is closed instead): the server acted, the client never hears of it."""
+
+    def __init__(self, upstream: str, path: str, drops: int = 1):
+        import socket
+
+        self.upstream = urlsplit(upstream)
+        self.path, self.drops, self.dropped, self.forwarded = path, drops, 0, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(sock) -> bytes | None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += sock.recv(65536)
+        lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+        return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body
+
+    def _serve(self, client) -> None:
+        import socket
+
+        with client:
+            while True:
+                request = self._read_request(client)
+                if request is None:
+                    return
+                target = request.split(b" ", 2)[1].decode()
+                with socket.create_connection((self.upstream.hostname, self.upstream.port)) as up:
+                    up.sendall(request)
+                    reply = b""
+                    while chunk := up.recv(65536):
+                        reply += chunk
+                self.forwarded += 1
+                if target.split("?")[0].endswith(self.path) and self.dropped < self.drops:
+                    self.dropped += 1
+                    return  # the server has done it; the client's connection just closes
+                client.sendall(reply.replace(b"Connection: keep-alive", b"Connection: close"))
+                return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/runs/update", "/runs/create"])
+def test_a_reply_dropped_by_the_network_leaves_one_finished_run(tmp_path, monkeypatch, path):
+    """A real MLflow server; the reply to the stage run's terminate (or create) is dropped on the wire after
+    the server acted. MLflow's own retries are off (they would hide the loss): ddray's retry finds the run."""
+    from tests.servers import mlflow_server
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    with mlflow_server(f"sqlite:///{tmp_path}/mlflow.db") as (uri, _):
+        parent = Tracker(uri, "ddray/dropped")
+        parent.ensure_experiment()
+        parent_id = parent.start_parent("s", None, "study", "h", "spec", "0")
+        proxy = DroppingProxy(uri, path)
+        try:
+            tracker = Tracker(proxy.url, "ddray/dropped")
+            tracker.ensure_experiment()
+            q = TrackingQueue(tracker, parent_id, "s", "d", probe_s=0.2)
+            q.stage(result("k1"), ArtifactStore(tmp_path / "store"), cached=False)
+            wait_for(lambda: q.logged == 1, seconds=60)
+            summary = q.drain(timeout=30)
+        finally:
+            proxy.close()
+        assert proxy.dropped == 1, "the proxy never dropped a reply: the test tested nothing"
+        assert summary["logged"] == 1 and summary["not_logged"] == 0
+        runs = parent.children(parent_id)
+        assert [(r.data.tags.get("ddray.stage_key"), r.info.status) for r in runs] == [("k1", "FINISHED")]
+        assert q.outages == 1
