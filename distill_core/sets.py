@@ -8,7 +8,9 @@ split and stored with it, so distillation, PTMs and evaluation of that variant
 all see the same space.
 
 `RealData` is a normalised training split indexed per class for fast batched
-sampling. `SyntheticSet` is what a method returns: images in the same space,
+sampling, optionally with one debiasing weight per sample (`distill_core.debias`;
+each class's largest weight 1.0), which DM, DC and DSA use where they form real
+statistics; None keeps every recipe on its unweighted path. `SyntheticSet` is what a method returns: images in the same space,
 labels, and (MTT) a learned learning rate.
 """
 
@@ -86,8 +88,11 @@ class RealData:
     num_classes: int
     norm: Normalization
     class_index: list[torch.Tensor] = field(default_factory=list)
+    weights: torch.Tensor | None = None  # per-sample debiasing weights (float, same device), or None: unweighted
 
     def __post_init__(self):
+        if self.weights is not None and self.weights.shape != self.labels.shape:
+            raise ValueError(f"{len(self.weights)} weights for {len(self.labels)} real samples")
         if not self.class_index:
             self.class_index = [torch.nonzero(self.labels == c).squeeze(1) for c in range(self.num_classes)]
 
@@ -106,14 +111,23 @@ class RealData:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def sample_per_class(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n random images of every class (fewer if a class is smaller), in class-major order."""
+    def _pick_per_class(self, n: int, generator: torch.Generator) -> torch.Tensor:
         picks = []
         for idx in self.class_index:
             k = min(n, len(idx))
             picks.append(idx[torch.randperm(len(idx), generator=generator)[:k].to(idx.device)])
-        sel = torch.cat(picks)
+        return torch.cat(picks)
+
+    def sample_per_class(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n random images of every class (fewer if a class is smaller), in class-major order."""
+        sel = self._pick_per_class(n, generator)
         return self.images[sel], self.labels[sel]
+
+    def sample_per_class_weighted(self, n: int, generator: torch.Generator
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`sample_per_class` (same picks, same random stream) plus the picked samples' weights (None if unweighted)."""
+        sel = self._pick_per_class(n, generator)
+        return self.images[sel], self.labels[sel], None if self.weights is None else self.weights[sel]
 
     def sample_class(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
         idx = self.class_index[c]

@@ -26,6 +26,13 @@ to the smaller IPC); the options `outer_loop` / `inner_loop` override them.
 How the matching is computed fast (batched, tiled, or upstream's per-class
 loop; all exact) is the runtime's choice: see `distill_core.methods.engines`.
 
+Debiasing: when `real.weights` is set (`distill_core.debias`), each class's
+real-gradient loss is the weighted mean cross-entropy sum(w_i ce_i) / sum(w_i)
+over the sampled real batch (`engines.sample_real_batch` forms the weights,
+every matching mode uses them); the synthetic side and the inner loop are
+unweighted, and so is the BatchNorm freezing batch. With every weight exactly
+1.0 the run is bit-for-bit the unweighted one.
+
 Evaluation protocol (upstream main.py / get_daparam): DC sets train 300 epochs
 without augmentation, except on MNIST, where DC's own crop/scale/rotate
 augmentation runs for 1000 epochs (ddray applies the MNIST rule to the other

@@ -24,6 +24,15 @@ All three are exact: every network in the registry processes samples
 independently here (instance norm, or BatchNorm frozen in eval mode as
 upstream does during matching).
 
+Debiasing (`RealData.weights`, see `distill_core.debias`): the real batch's
+sample weights become w_i / sum_c(w) within each class instead of 1/n_c, so
+every mode's real loss is the per-class weighted mean cross-entropy
+sum(w_i ce_i) / sum(w_i). "batched" and "tiled" already weight every sample;
+"loop" switches its real side from the plain mean CE to the same weighted sum
+when the batch is reweighted. The normalised weights are formed in float64 and
+rounded once, so weights all 1.0 give exactly the 1/n_c of the unweighted batch
+(and, in the loop, the same gradient as the mean), bit for bit.
+
 DM's real embedding (`RealEmbedder`): the no-grad forward of the real batch in
 cache-sized chunks of 32 on CPU (about 2x, networks without BatchNorm only)
 and, on long CPU runs, through torch.compile (about 2x more); channels_last was
@@ -53,13 +62,16 @@ class ClassBatch:
     """K blocks of `per_class` samples (block c = class c), padded with zero-weight samples.
 
     `weights` is 1/n_c for the n_c real samples of class c and 0 for padding, so
-    `sum(weights * ce)` is the sum over classes of each class's mean loss.
+    `sum(weights * ce)` is the sum over classes of each class's mean loss. A
+    `reweighted` batch (debiasing) has w_i / sum_c(w) instead: each class's
+    weighted mean loss.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     weights: torch.Tensor
     counts: list[int]
+    reweighted: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -74,12 +86,19 @@ class ClassBatch:
         start = c * self.per_class
         return self.images[start:start + self.counts[c]], self.labels[start:start + self.counts[c]]
 
+    def block_weights(self, c: int) -> torch.Tensor:
+        start = c * self.per_class
+        return self.weights[start:start + self.counts[c]]
+
     def with_images(self, images: torch.Tensor) -> "ClassBatch":
-        return ClassBatch(images, self.labels, self.weights, self.counts)
+        return ClassBatch(images, self.labels, self.weights, self.counts, self.reweighted)
 
 
 def sample_real_batch(real: RealData, n: int, generator: torch.Generator) -> ClassBatch:
-    """n random real images per class (all of a smaller class), as upstream's `get_images`."""
+    """n random real images per class (all of a smaller class), as upstream's `get_images`.
+
+    With `real.weights` the batch is reweighted: class c's samples weigh w_i / sum_c(w) (same picks, same stream).
+    """
     picks = []
     for idx in real.class_index:
         picks.append(idx[torch.randperm(len(idx), generator=generator)[:min(n, len(idx))].to(idx.device)])
@@ -89,10 +108,19 @@ def sample_real_batch(real: RealData, n: int, generator: torch.Generator) -> Cla
     for p in picks:
         pad = p[:1].expand(m - len(p))  # any real index: its weight is 0
         index.append(torch.cat([p, pad]))
-        weights.append(torch.cat([torch.full((len(p),), 1.0 / len(p)), torch.zeros(m - len(p))]))
+        own = torch.full((len(p),), 1.0 / len(p)) if real.weights is None else normalised_weights(real.weights[p])
+        weights.append(torch.cat([own, torch.zeros(m - len(p))]))
     index = torch.cat(index)
     return ClassBatch(real.images[index], real.labels[index],
-                      torch.cat(weights).to(real.device), counts)
+                      torch.cat(weights).to(real.device), counts, real.weights is not None)
+
+
+def normalised_weights(w: torch.Tensor) -> torch.Tensor:
+    """w / sum(w) on CPU, in float64 rounded once to float32: all-ones gives exactly float32(1.0 / n), as
+    `torch.full(..., 1.0 / n)` does. A class whose picks all weigh 0 gets zeros (no real gradient)."""
+    w = w.detach().double().cpu()
+    total = w.sum()
+    return (w / total if total > 0 else torch.zeros_like(w)).float()
 
 
 def synthetic_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassBatch:
@@ -208,7 +236,7 @@ def padded_blocks(batch: ClassBatch, per_class: int) -> ClassBatch:
     index = torch.arange(k * m, device=batch.images.device).view(k, m)
     index = torch.cat([index, index[:, :1].expand(k, per_class - m)], 1).flatten()
     weights = torch.cat([batch.weights.view(k, m), batch.weights.new_zeros(k, per_class - m)], 1).flatten()
-    return ClassBatch(batch.images[index], batch.labels[index], weights, batch.counts)
+    return ClassBatch(batch.images[index], batch.labels[index], weights, batch.counts, batch.reweighted)
 
 
 def tiled_class_gradients(net: nn.Module, batch: ClassBatch, params: list[nn.Parameter], tile: int,
@@ -268,13 +296,20 @@ def matching_loss(net: nn.Module, real: ClassBatch, syn: ClassBatch, mode: str =
 
 
 def _matching_loss_loop(net: nn.Module, real: ClassBatch, syn: ClassBatch) -> torch.Tensor:
-    """Upstream's form: one forward/backward per class, distances summed layer by layer."""
+    """Upstream's form: one forward/backward per class, distances summed layer by layer.
+
+    A reweighted (debiased) real batch takes its class's weighted CE sum instead of the mean.
+    """
     params = matched_parameters(net)
     loss = syn.images.new_zeros(())
     for c in range(real.num_classes):
         x_real, y_real = real.block(c)
         x_syn, y_syn = syn.block(c)
-        g_real = torch.autograd.grad(F.cross_entropy(net(x_real), y_real), params)
+        if real.reweighted:
+            real_loss = weighted_ce(net, x_real, y_real, real.block_weights(c))
+        else:
+            real_loss = F.cross_entropy(net(x_real), y_real)
+        g_real = torch.autograd.grad(real_loss, params)
         g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), params, create_graph=True)
         for gr, gs in zip(g_real, g_syn):
             loss = loss + layer_distance(gr.detach(), gs)

@@ -119,3 +119,54 @@ def test_progress_sees_every_logged_iteration(real):
     syn = gradient_matching(real, cfg, progress=lambda it, rec, _: seen.append((it, rec)))
     assert [it for it, _ in seen] == [0, 2, 4] == [r["iteration"] for r in syn.history]
     assert all("loss_gm" in rec and "loss_ptm" not in rec for _, rec in seen)
+
+
+# --- debiasing weights (RealData.weights) -------------------------------------------------------------
+
+def _weighted(real, weights):
+    import dataclasses
+    return dataclasses.replace(real, weights=weights)
+
+
+def test_weighted_real_batch_normalises_each_class_and_keeps_the_picks(real):
+    w = torch.rand(len(real.labels), generator=torch.Generator().manual_seed(0))
+    plain = sample_real_batch(real, 16, torch.Generator().manual_seed(1))
+    batch = sample_real_batch(_weighted(real, w), 16, torch.Generator().manual_seed(1))
+    assert torch.equal(plain.images, batch.images) and plain.counts == batch.counts
+    assert batch.reweighted and not plain.reweighted
+    per_class = batch.weights.view(10, -1).sum(1)
+    torch.testing.assert_close(per_class, torch.ones(10))
+    ones = sample_real_batch(_weighted(real, torch.ones(len(real.labels))), 16, torch.Generator().manual_seed(1))
+    assert torch.equal(ones.weights, plain.weights)  # exactly 1/n_c
+
+
+@pytest.mark.parametrize("method,mode", [("dc", "batched"), ("dc", "tiled"), ("dc", "loop"), ("dsa", "tiled"),
+                                         ("dsa", "loop")])
+def test_gradient_matching_with_all_weights_one_is_bit_for_bit_unweighted(real, method, mode):
+    augment = DSA_STRATEGY_NO_FLIP if method == "dsa" else None
+    cfg = config(ipc=2, iterations=2, init="noise", augment=augment, options={"outer_loop": 2, "inner_loop": 1})
+    plain = gradient_matching(real, cfg, runtime=Runtime(matching=mode))
+    ones = gradient_matching(_weighted(real, torch.ones(len(real.labels))), cfg, runtime=Runtime(matching=mode))
+    assert torch.equal(plain.images, ones.images)
+    assert plain.history == ones.history
+
+
+def test_weighted_matching_modes_agree_and_weights_change_the_loss(real):
+    torch.manual_seed(0)
+    net = build_network("convnet", 1, 10, 28, **WIDTH)
+    w = torch.rand(len(real.labels), generator=torch.Generator().manual_seed(0))
+    real_batch = sample_real_batch(_weighted(real, w), 12, torch.Generator().manual_seed(0))
+    plain_batch = sample_real_batch(real, 12, torch.Generator().manual_seed(0))
+    syn = init_synthetic(real, config(ipc=2, init="real"), torch.Generator().manual_seed(1))
+    syn_batch = synthetic_batch(syn.images, syn.labels, 10)
+    losses = {mode: matching_loss(net, real_batch, syn_batch, mode) for mode in ("batched", "tiled", "loop")}
+    torch.testing.assert_close(losses["batched"], losses["loop"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses["tiled"], losses["loop"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(losses["loop"], matching_loss(net, plain_batch, syn_batch, "loop"))
+
+
+def test_gradient_matching_with_non_uniform_weights_changes_the_result(real):
+    cfg = config(ipc=1, iterations=2, init="noise", options={"outer_loop": 1, "inner_loop": 0})
+    w = torch.rand(len(real.labels), generator=torch.Generator().manual_seed(0))
+    plain, weighted = gradient_matching(real, cfg), gradient_matching(_weighted(real, w), cfg)
+    assert not torch.allclose(plain.images, weighted.images)

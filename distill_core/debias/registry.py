@@ -1,0 +1,99 @@
+"""The debiasing registry: how real samples are weighted before their statistics are formed.
+
+A kind registers one `DebiasKind` record next to its weighting: a typed options
+model (a `distill_core.methods.Options`: frozen, extra="forbid"), the weighting
+function, whether it needs attribute (bias) labels, and a summary. Adding a
+kind is one module in `distill_core/debias/` that calls `register`, plus its
+import in `distill_core/debias/__init__.py` (mirroring the method registry).
+
+Every weighting has one signature:
+
+    weights(images, labels, num_classes, options, attributes=None, embed=None) -> Tensor | None
+
+`images` are the real training images (normalised, as in `RealData`),
+`labels` their classes, `attributes` their bias attributes (the distillation
+split's slice of `BiasedDataset.train_attrs`; see `distillation_attributes`),
+`embed` an optional function images -> (N, D) features. The result is one
+float32 weight per sample, each class scaled so that its largest weight is
+exactly 1.0 (so uniform weights are exactly 1.0 and the weighted recipes then
+compute bit-for-bit what the unweighted ones do), or None for "no weights"
+(the recipes' unweighted path).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distill_core.methods.registry import Options
+
+WeightsFn = Callable[..., "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class DebiasKind:
+    name: str
+    options: type[Options]
+    weights: WeightsFn
+    needs_attributes: bool = False  # True: an "oracle" kind, needs the bias attribute of every sample
+    summary: str = ""
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"debias kind name '{self.name}': use lowercase letters, digits and '_'")
+        if not issubclass(self.options, Options):
+            raise TypeError(f"debias kind '{self.name}': options must subclass distill_core.methods.Options")
+
+    def compute(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, options: dict | Options | None = None,
+                attributes: torch.Tensor | None = None, embed=None) -> torch.Tensor | None:
+        """The kind's weights with its options validated here (a dict, an options model or None for defaults)."""
+        opts = options if isinstance(options, self.options) else self.options(**(options or {}))
+        if self.needs_attributes and attributes is None:
+            raise ValueError(f"debias kind '{self.name}' needs the attribute (bias) label of every real sample")
+        return self.weights(images, labels, num_classes, opts, attributes=attributes, embed=embed)
+
+
+DEBIAS_KINDS: dict[str, DebiasKind] = {}
+
+
+class UnknownDebias(ValueError):
+    pass
+
+
+def register(kind: DebiasKind) -> DebiasKind:
+    """Add a kind to the registry (names are unique)."""
+    if kind.name in DEBIAS_KINDS and DEBIAS_KINDS[kind.name] is not kind:
+        raise ValueError(f"debias kind '{kind.name}' is already registered")
+    DEBIAS_KINDS[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    DEBIAS_KINDS.pop(name, None)
+
+
+def get_debias(name: str) -> DebiasKind:
+    if name not in DEBIAS_KINDS:
+        near = difflib.get_close_matches(name, DEBIAS_KINDS, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise UnknownDebias(f"unknown debias kind '{name}' ({hint}known: {', '.join(sorted(DEBIAS_KINDS))})")
+    return DEBIAS_KINDS[name]
+
+
+def distillation_attributes(ds) -> torch.Tensor:
+    """The attributes of a `BiasedDataset`'s distillation split, aligned with `RealData.from_dataset(ds)`."""
+    return ds.train_attrs[ds.distill_index()]
+
+
+def scale_per_class(weights: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each class's weights divided by that class's largest, so its largest is exactly 1.0 (x / x == 1 in IEEE)."""
+    out = weights.clone()
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).squeeze(1)
+        if len(idx):
+            out[idx] = weights[idx] / weights[idx].max()
+    return out.float()
