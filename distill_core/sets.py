@@ -91,8 +91,13 @@ class RealData:
     weights: torch.Tensor | None = None  # per-sample debiasing weights (float, same device), or None: unweighted
 
     def __post_init__(self):
-        if self.weights is not None and self.weights.shape != self.labels.shape:
-            raise ValueError(f"{len(self.weights)} weights for {len(self.labels)} real samples")
+        if self.weights is not None:
+            if self.weights.shape != self.labels.shape:
+                raise ValueError(f"{len(self.weights)} weights for {len(self.labels)} real samples")
+            if not bool(torch.isfinite(self.weights).all()) or bool((self.weights < 0).any()):
+                raise ValueError("debiasing weights must be finite and non-negative")
+            # indexed with the labels' picks, so they live where the labels do (float32, like the images)
+            self.weights = self.weights.to(self.labels.device, torch.float32)
         if not self.class_index:
             self.class_index = [torch.nonzero(self.labels == c).squeeze(1) for c in range(self.num_classes)]
 

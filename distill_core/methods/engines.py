@@ -31,7 +31,8 @@ sum(w_i ce_i) / sum(w_i). "batched" and "tiled" already weight every sample;
 "loop" switches its real side from the plain mean CE to the same weighted sum
 when the batch is reweighted. The normalised weights are formed in float64 and
 rounded once, so weights all 1.0 give exactly the 1/n_c of the unweighted batch
-(and, in the loop, the same gradient as the mean), bit for bit.
+(and, in the loop, the same gradient as the mean), bit for bit on CPU
+(tests/distill_core/methods/test_dc.py checks every mode).
 
 DM's real embedding (`RealEmbedder`): the no-grad forward of the real batch in
 cache-sized chunks of 32 on CPU (about 2x, networks without BatchNorm only)

@@ -143,3 +143,6 @@ def test_weighted_sampling_picks_what_sample_per_class_picks(digits_real):
 def test_real_data_refuses_weights_of_the_wrong_length(digits_real):
     with pytest.raises(ValueError, match="weights for"):
         dataclasses.replace(digits_real, weights=torch.ones(3))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            dataclasses.replace(digits_real, weights=torch.full((len(digits_real.labels),), bad))
