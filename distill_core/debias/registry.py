@@ -22,7 +22,6 @@ compute bit-for-bit what the unweighted ones do), or None for "no weights"
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from distill_core.methods.registry import Options
+from distill_core.registry import Registry
 
 WeightsFn = Callable[..., "torch.Tensor | None"]
 
@@ -57,31 +57,24 @@ class DebiasKind:
         return self.weights(images, labels, num_classes, opts, attributes=attributes, embed=embed)
 
 
-DEBIAS_KINDS: dict[str, DebiasKind] = {}
-
-
 class UnknownDebias(ValueError):
     pass
 
 
+DEBIAS_KINDS: Registry = Registry("debias kind", UnknownDebias)
+
+
 def register(kind: DebiasKind) -> DebiasKind:
     """Add a kind to the registry (names are unique)."""
-    if kind.name in DEBIAS_KINDS and DEBIAS_KINDS[kind.name] is not kind:
-        raise ValueError(f"debias kind '{kind.name}' is already registered")
-    DEBIAS_KINDS[kind.name] = kind
-    return kind
+    return DEBIAS_KINDS.add(kind)
 
 
 def unregister(name: str) -> None:
-    DEBIAS_KINDS.pop(name, None)
+    DEBIAS_KINDS.remove(name)
 
 
 def get_debias(name: str) -> DebiasKind:
-    if name not in DEBIAS_KINDS:
-        near = difflib.get_close_matches(name, DEBIAS_KINDS, n=1)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        raise UnknownDebias(f"unknown debias kind '{name}' ({hint}known: {', '.join(sorted(DEBIAS_KINDS))})")
-    return DEBIAS_KINDS[name]
+    return DEBIAS_KINDS.named(name)
 
 
 def distillation_attributes(ds) -> torch.Tensor:

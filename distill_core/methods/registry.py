@@ -26,6 +26,7 @@ from typing import Callable, Literal
 from distill_core.augment import DSA_STRATEGY, DSA_STRATEGY_NO_FLIP, make_augmentation
 from distill_core.config import Config
 from distill_core.data.sources import SourceInfo
+from distill_core.registry import Registry
 from distill_core.sets import SyntheticSet
 
 MethodFn = Callable[..., SyntheticSet]
@@ -102,29 +103,24 @@ class Method:
         return self.evaluation(source, arch)
 
 
-METHODS: dict[str, Method] = {}
-
-
 class UnknownMethod(ValueError):
     pass
 
 
+METHODS: Registry = Registry("method", UnknownMethod)
+
+
 def register(method: Method) -> Method:
     """Add a method to the registry (names are unique)."""
-    if method.name in METHODS and METHODS[method.name] is not method:
-        raise ValueError(f"method '{method.name}' is already registered")
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method)
 
 
 def unregister(name: str) -> None:
-    METHODS.pop(name, None)
+    METHODS.remove(name)
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise UnknownMethod(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
+    return METHODS.named(name)
 
 
 def reference_method(role: str) -> Method | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from orchestrator.errors import UserError, suggest
 from orchestrator.storage.files import atomic_write_json
-from orchestrator.storage.leases import Owner
+from orchestrator.storage.leases import Owner, owner_of
 from orchestrator.storage.local import ArtifactStore
 
 STATES = ("pending", "running", "executed", "cached", "reused", "failed", "skipped")
@@ -142,12 +142,8 @@ def driver_live(d: dict, now: float) -> bool:
         return False
     if now - d.get("written", d.get("heartbeat", 0)) > HEARTBEAT_TIMEOUT_S:
         return False
-    try:
-        pid = int(d.get("pid", 0))
-    except (TypeError, ValueError):
-        pid = 0
-    return Owner(str(d.get("driver", "")), str(d.get("host", "")), pid, str(d.get("place", "")),
-                 str(d.get("process_started", ""))).alive()
+    # the record's own "started" is the submit's wall time; the process's start time is "process_started"
+    return owner_of({**d, "started": d.get("process_started", "")}).alive()
 
 
 def live_drivers(study_dir: Path, drivers: list[dict] | None = None) -> list[dict]:
