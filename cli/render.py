@@ -138,8 +138,8 @@ RESULT_COLUMNS = ["dataset", "aligned_ratio", "severity", "method", "ipc", "guid
                   "acc_unbiased", "acc_aligned", "acc_conflicting", "gap", "n_distillations", "n_repeats"]
 # shown when some row has one
 OPTIONAL = ("acc_val_selected", "acc_random", "ior", "acc_whole", "acc_aligned", "acc_conflicting", "gap")
-CSV_ONLY = ["selection", "val_split", "acc_last", "acc_last_std", "acc_val_selected_std"]
-VARYING = ("iterations", "lr_img", "options", "eval_protocol")  # in the table only when the grid varies them
+CSV_ONLY = ["selection", "val_split", "acc_last", "acc_last_std", "acc_val_selected_std", "debias_oracle"]
+VARYING = ("debias", "iterations", "lr_img", "options", "eval_protocol")  # in the table only when the grid varies them
 
 
 def result_columns(rows: list[dict]) -> list[str]:
@@ -174,18 +174,21 @@ def _variant(r: dict) -> str:
 
 
 def compact_results_table(rows: list[dict], title: str, width: int, study_id: str) -> Table:
-    varying = {k for k in ("guidance", "eval_arch", "iterations", "lr_img", "options")
+    varying = {k for k in ("guidance", "debias", "eval_arch", "iterations", "lr_img", "options")
                if len({json.dumps(r.get(k), default=str) for r in rows}) > 1}
     table = Table(title=title, caption=f"full table: ddray study results {study_id} --format csv", expand=False)
-    cols = ["variant", "method", "ipc", *[k for k in ("guidance", "eval_arch") if k in varying], "acc %", "ior"]
+    cols = ["variant", "method", "ipc", *[k for k in ("guidance", "debias", "eval_arch") if k in varying], "acc %",
+            "ior"]
     for c in cols:
         table.add_column(c, justify="right" if c in ("ipc", "acc %", "ior") else "left", overflow="fold")
     for r in sorted(rows, key=lambda r: (_variant(r), str(r["method"]), str(r["ipc"]), str(r.get("guidance")))):
         extra = "".join(f" {k}={fmt(r.get(k))}" for k in ("iterations", "lr_img", "options") if k in varying)
         acc = f"{r['acc_mean'] * 100:.1f}±{(r.get('acc_std') or 0) * 100:.1f}" if r.get("acc_mean") is not None else "-"
         ior = f"{r['ior'] * 100:+.1f}" if r.get("ior") is not None else "-"
+        oracle = " (oracle)" if r.get("debias_oracle") else ""  # weighted with the attribute labels
         cells = {"variant": _variant(r), "method": f"{r['method']}{extra}", "ipc": fmt(r["ipc"]),
-                 "guidance": fmt(r.get("guidance")), "eval_arch": fmt(r.get("eval_arch")), "acc %": acc, "ior": ior}
+                 "guidance": fmt(r.get("guidance")), "debias": fmt(r.get("debias")) + oracle,
+                 "eval_arch": fmt(r.get("eval_arch")), "acc %": acc, "ior": ior}
         table.add_row(*[escape(cells[c]) for c in cols])  # variant labels hold brackets, not markup
     return table
 
@@ -202,7 +205,7 @@ def catalogue_table(kind: str, entries: list[dict]) -> Table:
 
 def compare_table(rows: list[dict], a: str, b: str) -> Table:
     table = Table(title=f"{a} (a) vs {b} (b)")
-    keys = [k for k in ("dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch")
+    keys = [k for k in ("dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "debias", "eval_arch")
             if len({str(r.get(k)) for r in rows}) > 1] or ["method"]
     for c in [*keys, "acc a", "acc b", "b - a", "ior a", "ior b"]:
         table.add_column(c, justify="right" if c not in ("dataset", "method", "guidance", "eval_arch") else "left")

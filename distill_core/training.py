@@ -26,10 +26,15 @@ class EpochStats:
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 batch_size: int, generator: torch.Generator, augment=None, tile: int | None = None,
-                loss_fn=ce_sum) -> EpochStats:
-    """One pass over (images, labels); `loss_fn(model, x, y)` may be a compiled `ce_sum`."""
+                loss_fn=ce_sum, weights: torch.Tensor | None = None) -> EpochStats:
+    """One pass over (images, labels); `loss_fn(model, x, y)` may be a compiled `ce_sum`. With `weights` (one
+    per sample, `RealData.weights`) the epoch's n samples are drawn by weight with replacement instead of a
+    permutation: weighted sampling, so a sample of weight w is seen w / mean(w) times per epoch on average."""
     n = len(labels)
-    perm = torch.randperm(n, generator=generator).to(images.device)
+    if weights is None:
+        perm = torch.randperm(n, generator=generator).to(images.device)
+    else:
+        perm = torch.multinomial(weights.double().cpu(), n, replacement=True, generator=generator).to(images.device)
     step_loss: LossFn = lambda x, y: loss_fn(model, x, y)  # noqa: E731
     total, correct = 0.0, 0
     for i in range(0, n, batch_size):

@@ -25,7 +25,7 @@ from distill_core.debias.registry import DebiasKind, register, scale_per_class
 from distill_core.methods.registry import Options
 
 
-def group_weights(images, labels, num_classes, options, attributes=None, embed=None) -> torch.Tensor:
+def group_weights(images, labels, num_classes, options, attributes=None, embed=None, scores=None) -> torch.Tensor:
     if attributes is None:
         raise ValueError("debias kind 'groups' needs the attribute (bias) label of every real sample")
     labels, attributes = labels.cpu(), attributes.cpu().long()

@@ -60,7 +60,8 @@ def log_density(z: torch.Tensor, bandwidth: float) -> torch.Tensor:
     return torch.logsumexp(-d2 / (2 * h * h), dim=1) - math.log(n)
 
 
-def kde_weights(images, labels, num_classes, options: KDEOptions, attributes=None, embed=None) -> torch.Tensor:
+def kde_weights(images, labels, num_classes, options: KDEOptions, attributes=None, embed=None,
+                scores=None) -> torch.Tensor:
     if options.embedding == "network":
         if embed is None:
             raise ValueError("debias kind 'kde' with embedding 'network' needs an embedding function")

@@ -6,7 +6,7 @@ from distill_core.debias.registry import DebiasKind, register
 from distill_core.methods.registry import Options
 
 
-def no_weights(images, labels, num_classes, options, attributes=None, embed=None):
+def no_weights(images, labels, num_classes, options, attributes=None, embed=None, scores=None):
     return None
 
 

@@ -161,9 +161,9 @@ def dc_protocol(source: SourceInfo, arch: str) -> EvalProtocol:
 
 register(Method(
     name="dc", distill=gradient_matching, iterations=1000, lr_img=0.1, init="noise", augment=False,
-    evaluation=dc_protocol, options=DCOptions,
+    evaluation=dc_protocol, options=DCOptions, takes_weights=True,
     summary="gradient matching (Zhao et al. 2021), no augmentation"))
 register(Method(
     name="dsa", distill=gradient_matching, iterations=1000, lr_img=0.1, init="real", augment=True,
-    evaluation=dsa_protocol, options=DCOptions,
+    evaluation=dsa_protocol, options=DCOptions, takes_weights=True,
     summary="gradient matching with differentiable siamese augmentation (Zhao & Bilen 2021)"))

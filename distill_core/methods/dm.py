@@ -104,4 +104,4 @@ def distill_dm(real: RealData, cfg: DistillConfig, runtime: Runtime = DEFAULT_RU
 
 register(Method(
     name="dm", distill=distill_dm, iterations=20000, lr_img=1.0, init="real", augment=True,
-    evaluation=dsa_protocol, summary="distribution matching (Zhao & Bilen 2023)"))
+    evaluation=dsa_protocol, takes_weights=True, summary="distribution matching (Zhao & Bilen 2023)"))

@@ -86,6 +86,9 @@ class Method:
     options: type[Options] = Options
     needs_experts: bool = False  # takes expert trajectories (a PTM pool with recipe "expert")
     optimises_images: bool = True  # False for coreset baselines: no iterations, no lr, no guidance
+    # forms its real statistics with per-sample debiasing weights (`RealData.weights`, distill_core.debias):
+    # a study may cross it with `distillation.debias` kinds other than none
+    takes_weights: bool = False
     # "random_subset": every study evaluates this method's set at each IPC as the baseline others are scored
     # against (DD-Ranking's improvement over random); "whole_dataset": the upper-bound reference row
     reference: Literal["random_subset", "whole_dataset"] | None = None

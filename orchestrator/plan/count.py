@@ -2,7 +2,7 @@
 
 `count_stages(spec)` multiplies the grid's axes the way `build_stage_graph` crosses them
 (dataset variants x methods x IPCs x iterations x lr_img x the guidance entries that apply x
-the option product x seeds; PTMs per pool source x architectures x seeds; evaluations per
+the debias entries x the option product x seeds; weights per variant x debias entry; PTMs per pool source x architectures x seeds; evaluations per
 produced set x architectures, plus the random baseline's; a search's trials as num_samples x
 the points of its grid domains), in time and memory that depend on the lengths of the spec's
 lists, never on their product. `check_stage_limit(spec, max_stages)` refuses a study whose
@@ -111,6 +111,8 @@ def _count(spec: StudySpec) -> StageCount:
     ipcs = list(dict.fromkeys(d.ipc))
     n_seeds = _distinct(d.seeds)
     n_arch = _distinct((a.name, a.options) for a in e.architectures)
+    n_debias = _distinct(entry.model_dump(mode="json") for entry in d.debias)
+    weighted = False  # some method of the study reads debiasing weights: one weights stage per variant x entry
 
     # guidance entries by what reaches a key (the guidance config and its pool), each with where its entries
     # run: (methods, IPCs) rectangles, None for every one (kept as given: memory as the spec's lists)
@@ -147,7 +149,8 @@ def _count(spec: StudySpec) -> StageCount:
                 per_guided[pool is not None] += n_cells
             if sum(per_guided.values()) and method.needs_experts and d.trajectories:
                 used_pools.add(d.trajectories)
-            settings = {k: v * n_iter * n_lr * n_opts * n_seeds for k, v in per_guided.items()}
+            settings = {k: v * n_iter * n_lr * n_opts * n_debias * n_seeds for k, v in per_guided.items()}
+            weighted |= method.takes_weights and any(per_guided.values())
         else:
             settings = {False: len(cells) * n_seeds, True: 0}
             if method.needs_experts and d.trajectories:
@@ -168,13 +171,20 @@ def _count(spec: StudySpec) -> StageCount:
     c.counts["search"] = n_targets * searches
     c.counts[TRIALS] = n_targets * trials
     c.counts["evaluate"] = n_targets * produced * n_arch
+    weights: set[tuple] = set()  # (dataset, aligned ratio, severity, entry): the weights stages' keys
+    if weighted:
+        entries = [entry for entry in d.debias if entry.kind != "none"]
+        weights |= {(ds.name, *v, _sig(entry.model_dump(mode="json")))
+                    for ds in targets for v in ds.variants() for entry in entries}
+        used_pools.update(entry.pool for entry in entries if entry.pool)
     if searches:
         what = (f"{c.counts['search']:,} searches of up to {most_trials:,} trials each (num_samples x grid points), "
                 f"{c.counts[TRIALS]:,} in all")
         c.factors.append(("distillation.search", what, most_trials))
     for where, values in (("distillation.seeds", d.seeds), ("distillation.ipc", d.ipc),
                           ("distillation.iterations", d.iterations or []), ("distillation.lr_img", d.lr_img or []),
-                          ("distillation.guidance", d.guidance), ("distillation.methods", d.methods),
+                          ("distillation.guidance", d.guidance), ("distillation.debias", d.debias),
+                          ("distillation.methods", d.methods),
                           ("evaluation.architectures", e.architectures)):
         if len(values) > 1:
             c.factors.append((where, f"{len(values):,} entries", len(values)))
@@ -191,7 +201,8 @@ def _count(spec: StudySpec) -> StageCount:
             if not coinciding_baseline:
                 c.counts["distill"] += _variants(ds) * len(ipcs)
 
-    _count_sources(c, spec, datasets, targets, n_targets, used_pools)
+    _count_sources(c, spec, datasets, targets, n_targets, used_pools, weights)
+    c.counts["weights"] = len(weights)
     return c
 
 
@@ -212,8 +223,10 @@ def _protocol(spec: StudySpec, method: str, ds: DatasetSpec, arch) -> tuple:
 
 
 def _count_sources(c: StageCount, spec: StudySpec, datasets: dict[str, DatasetSpec], targets: list[DatasetSpec],
-                   n_targets: int, used: set[str]) -> None:
-    """Dataset stages (the targets and the pool sources that are not targets) and PTM stages."""
+                   n_targets: int, used: set[str], weights: set[tuple]) -> None:
+    """Dataset stages (the targets and the pool sources that are not targets) and PTM stages; `weights` gains
+    the weights stages of pools trained on reweighted data (one per source variant, shared with a
+    distillation's weights of the same entry on the same variant)."""
     pools = {p.name: p for p in spec.ptm_pools if p.name in used and p.dataset in datasets}
     index = {p.name: i for i, p in enumerate(spec.ptm_pools)}
     target_names = {ds.name for ds in targets}
@@ -242,6 +255,10 @@ def _count_sources(c: StageCount, spec: StudySpec, datasets: dict[str, DatasetSp
         what = (f"{len(pool.architectures)} architectures x {len(pool.seeds)} seeds x {sources[name][1]} source "
                 f"variants = {n:,} PTMs")
         c.factors.append((f"ptm_pools[{index[name]}]", what, networks))
+        if pool.debias.kind != "none":
+            ds = datasets[pool.dataset]
+            variants = sources[name][0] or [(ds.name, *v) for v in ds.variants()]
+            weights |= {(*v, _sig(pool.debias.model_dump(mode="json"))) for v in variants}
         for v in sources[name][0] or []:
             ds = datasets[v[0]]
             is_target = ds.distill and (ds.bias == "none" or (v[1] in ds.aligned_ratios and v[2] in ds.severities))
@@ -260,7 +277,8 @@ def _exact_ptms(pools: dict[str, PTMPoolSpec], sources: dict, datasets: dict[str
         variants = sources[name][0]
         if variants is None:
             variants = [(ds.name, *v) for v in dict.fromkeys(ds.variants())]
-        training = _sig({**shared(pool, PTMConfig), "epochs": pool.train_epochs, "recipe": pool.recipe})
+        training = _sig({**shared(pool, PTMConfig), "epochs": pool.train_epochs, "recipe": pool.recipe,
+                         "debias": pool.debias.model_dump(mode="json")})
         networks = {_sig([a.name, a.options, seed]) for a in pool.architectures for seed in pool.seeds}
         seen.update((v, training, n) for v in variants for n in networks)
     return len(seen)

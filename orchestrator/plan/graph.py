@@ -1,7 +1,8 @@
 """Expanding a study spec into its stage graph.
 
 dataset build -> PTM training (architecture x seed, per pool variant)
-             -> distillation (variant x method x IPC x iterations x lr x guidance x options x seed),
+             -> debiasing weights (variant x debias entry), shared by every distillation that uses them
+             -> distillation (variant x method x IPC x iterations x lr x guidance x debias x options x seed),
                 or a search around it when `distillation.search` has fields for that setting
                 (a guidance entry with `methods` / `ipc` only at those methods and IPCs)
              -> evaluation (synthetic set x architecture)
@@ -24,6 +25,7 @@ from typing import Iterator
 
 from distill_core.data.biased import DatasetConfig
 from distill_core.data.sources import SOURCES
+from distill_core.debias import DebiasConfig
 from distill_core.evaluation import EvalConfig
 from distill_core.guidance import GuidanceConfig
 from distill_core.methods import METHODS, DistillConfig, Method
@@ -38,7 +40,8 @@ from orchestrator.plan.count import check_stage_limit
 from orchestrator.spec.base import shared
 from orchestrator.spec.checks import option_points
 from orchestrator.spec.claims import unmatched_filters
-from orchestrator.spec.models import DatasetSpec, DistillationSpec, GuidanceSpec, PTMPoolSpec, StudySpec
+from orchestrator.spec.models import (DatasetSpec, DebiasSpec, DistillationSpec, GuidanceSpec, PTMPoolSpec,
+                                      StudySpec)
 from orchestrator.spec.search import SearchConfig, applies
 from orchestrator.stages.base import KINDS, Inputs, Stage
 from orchestrator.stages.search_space import max_iterations
@@ -87,15 +90,18 @@ def dataset_stage(ds: DatasetSpec, ratio: float, severity: int, holdout: float) 
     return Stage("dataset", config.to_dict(), {}, label, coords, runtime={"data_root": ds.data_root})
 
 
-def ptm_stages(pool: PTMPoolSpec, data: Stage) -> list[Stage]:
+def ptm_stages(pool: PTMPoolSpec, data: Stage, weights: Stage | None = None) -> list[Stage]:
+    """The pool's PTMs on one source variant, trained on `weights`' reweighting of it when the pool has them."""
     epochs = pool.train_epochs
     training = recipe(pool.recipe, epochs, dsa_strategy(SOURCES[data.coords["source"]]))
     out = []
     for arch, seed in product(pool.architectures, pool.seeds):
         config = PTMConfig(**shared(pool, PTMConfig), arch=arch.name, arch_options=arch.options, seed=seed,
                            epochs=epochs, **training)
-        coords = {**data.coords, "pool": pool.name, "arch": arch.label, "seed": seed, "recipe": pool.recipe}
-        out.append(Stage("ptm", config.to_dict(), {"dataset": data.key},
+        coords = {**data.coords, "pool": pool.name, "arch": arch.label, "seed": seed, "recipe": pool.recipe,
+                  "debias": pool.debias.label}
+        inputs: Inputs = {"dataset": data.key, **({"weights": weights.key} if weights is not None else {})}
+        out.append(Stage("ptm", config.to_dict(), inputs,
                          f"{pool.name}/{arch.label}/s{seed} on {data.label}", coords))
     return out
 
@@ -138,8 +144,10 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
         return candidates[0]  # a single-variant source (validation refuses several unpinned)
 
     def pool_stages(name: str, target: Stage) -> list[Stage]:
-        source = graph.add(pool_source(pools[name], target))
-        return [graph.add(s) for s in ptm_stages(pools[name], source)]
+        pool = pools[name]
+        source = graph.add(pool_source(pool, target))
+        weights = graph.add(weights_stage(pool.debias, source, [])) if pool.debias.kind != "none" else None
+        return [graph.add(s) for s in ptm_stages(pool, source, weights)]
 
     d = spec.distillation
     for target in targets:
@@ -150,7 +158,7 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
             if method.reference == "whole_dataset" and ipc != d.ipc[0]:
                 continue  # the whole training split has no IPC: one stage per variant
             axes = d.options.get(name, {})  # the method's option grids, validated when the spec was read
-            for (iters, lr, guide, options), seed in product_lazily(settings(method, d, axes), d.seeds):
+            for (iters, lr, guide, debias, options), seed in product_lazily(settings(method, d, axes), d.seeds):
                 if not guide.applies(name, ipc):
                     continue  # an entry restricted to other methods / IPCs (e.g. a published alpha's cells)
                 inputs: Inputs = {"dataset": target.key}
@@ -160,6 +168,9 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
                     guidance = GuidanceConfig(**shared(guide, GuidanceConfig), kind=guide.kind)
                 if method.needs_experts:
                     inputs["experts"] = [s.key for s in pool_stages(d.trajectories, target)]
+                if debias.kind != "none":
+                    pool = pool_stages(debias.pool, target) if debias.pool else []
+                    inputs["weights"] = graph.add(weights_stage(debias, target, pool)).key
                 config = DistillConfig(
                     **shared(d, DistillConfig), method=name, ipc=ipc, iterations=iters, lr_img=lr, arch=d.arch.name,
                     arch_options=d.arch.options, init=d.init or method.init,
@@ -167,9 +178,10 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
                     guidance=guidance)
                 coords = {**target.coords, "method": name, "ipc": None if method.reference == "whole_dataset" else ipc,
                           "iterations": iters, "lr_img": lr,
-                          "guidance": guide.label, "distill_seed": seed, "options": options or None}
+                          "guidance": guide.label, "debias": debias.label, "debias_oracle": debias.oracle,
+                          "distill_seed": seed, "options": options or None}
                 varied = {k: v for k, v in options.items() if len(axes[k]) > 1}
-                label = distill_label(spec, config, guide, target, varied)
+                label = distill_label(spec, config, guide, debias, target, varied)
                 search = search_stage(spec, method, config, guide, target, inputs, label, coords)
                 distill = graph.add(search or Stage("distill", config.to_dict(), inputs, label, coords))
                 for stage in evaluation_stages(spec, method, distill, target):
@@ -181,13 +193,23 @@ def build_stage_graph(spec: StudySpec, max_stages: int | None = MAX_STAGES) -> S
 
 
 def settings(method: Method, d: DistillationSpec, axes: dict[str, list]) -> Iterator[tuple]:
-    """(iterations, lr_img, guidance, options) of each distillation of `method`, one at a time."""
-    if not method.optimises_images:  # coreset baselines: no iterations, no lr, no guidance, no options
-        yield 0, 0.0, GuidanceSpec(), {}
+    """(iterations, lr_img, guidance, debias, options) of each distillation of `method`, one at a time."""
+    if not method.optimises_images:  # coreset baselines: no iterations, no lr, no guidance, no weights, no options
+        yield 0, 0.0, GuidanceSpec(), DebiasSpec(), {}
         return
-    for iters, lr, guide in product(d.iterations or [method.iterations], d.lr_img or [method.lr_img], d.guidance):
+    for iters, lr, guide, debias in product(d.iterations or [method.iterations], d.lr_img or [method.lr_img],
+                                            d.guidance, d.debias):
         for options in option_points(axes):
-            yield iters, lr, guide, options
+            yield iters, lr, guide, debias, options
+
+
+def weights_stage(debias: DebiasSpec, target: Stage, pool: list[Stage]) -> Stage:
+    """The debiasing weights of one variant's distillation split (`orchestrator.stages.weights`): one stage per
+    (variant, entry), whatever the methods, IPCs, guidance and seeds that read it."""
+    config = DebiasConfig(**shared(debias, DebiasConfig))
+    inputs: Inputs = {"dataset": target.key, **({"ptms": [s.key for s in pool]} if pool else {})}
+    coords = {**target.coords, "debias": debias.label, "debias_oracle": debias.oracle}
+    return Stage("weights", config.to_dict(), inputs, f"weights {debias.label} on {target.label}", coords)
 
 
 def product_lazily(first: Iterator, second: list) -> Iterator[tuple]:
@@ -221,7 +243,8 @@ def random_baseline_stages(graph: StageGraph, spec: StudySpec, target: Stage) ->
             arch_options=d.arch.options, init=d.init or reference.init, augment=None, seed=d.seeds[0] + spec.seed,
             options={}, guidance=None)
         coords = {**target.coords, "method": reference.name, "ipc": ipc, "iterations": 0, "lr_img": 0.0,
-                  "guidance": "none", "distill_seed": d.seeds[0], "options": None, "reference": "random_subset"}
+                  "guidance": "none", "debias": "none", "debias_oracle": False, "distill_seed": d.seeds[0],
+                  "options": None, "reference": "random_subset"}
         baseline = graph.add(Stage("distill", config.to_dict(), {"dataset": target.key},
                                    f"{reference.name} ipc{ipc} none on {target.label}", coords))
         for name in dict.fromkeys([*d.methods, reference.name]):
@@ -253,10 +276,13 @@ def search_stage(spec: StudySpec, method: Method, config: DistillConfig, guide: 
                  runtime={"trial": {"cpus": trial.cpus, "gpus": trial.gpus}, "max_failures": s.max_failures})
 
 
-def distill_label(spec: StudySpec, cfg: DistillConfig, guide: GuidanceSpec, target: Stage, varied: dict) -> str:
-    """`dm ipc10 none on cdigits[p=0.1,s=1]`, plus whatever the grid varies (`varied`: option values)."""
+def distill_label(spec: StudySpec, cfg: DistillConfig, guide: GuidanceSpec, debias: DebiasSpec, target: Stage,
+                  varied: dict) -> str:
+    """`dm ipc10 none on cdigits[p=0.1,s=1]` (`dm ipc10 none debias=kde on ...` with weights), plus whatever
+    the grid varies (`varied`: option values)."""
     d = spec.distillation
-    label = f"{cfg.method} ipc{cfg.ipc} {guide.label} on {target.label}"
+    weighted = "" if debias.kind == "none" else f" debias={debias.label}"
+    label = f"{cfg.method} ipc{cfg.ipc} {guide.label}{weighted} on {target.label}"
     if cfg.iterations and d.iterations and len(d.iterations) > 1:
         label += f" it{cfg.iterations}"
     if cfg.lr_img and d.lr_img and len(d.lr_img) > 1:

@@ -13,6 +13,7 @@ each only when the study has the axis it needs:
 - aligned vs conflicting accuracy (the bias gap) per setting;
 - the cross-architecture heatmap (setting x evaluation architecture);
 - the PTM-option ablation (accuracy per guidance setting, per method and IPC);
+- bias-aware distillation: conflicting-test accuracy per debias kind x aligned ratio (oracle kinds dashed);
 - distillation curves (each distillation's objective by iteration).
 
 `compare_rows` lines two studies' rows up on their coordinates.
@@ -35,7 +36,7 @@ from orchestrator.stages.figures import png, pyplot
 from orchestrator.storage.studies import DONE
 from orchestrator.tracking.tracker import Tracker, reason, redact_text
 
-ACROSS = ("aligned_ratio", "severity", "guidance")  # what a table spreads along the top when it varies
+ACROSS = ("aligned_ratio", "severity", "guidance", "debias")  # what a table spreads along the top when it varies
 
 
 PERCENT = 100.0
@@ -77,7 +78,7 @@ def paper_tables(rows: list[dict]) -> list[dict]:
     return tables
 
 
-FLAT = ["dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "eval_arch", "eval_protocol",
+FLAT = ["dataset", "aligned_ratio", "severity", "method", "ipc", "guidance", "debias", "debias_oracle", "eval_arch", "eval_protocol",
         "acc_mean", "acc_std", "acc_random", "ior", "acc_whole", "acc_aligned", "acc_conflicting", "gap",
         "n_distillations", "n_repeats"]
 
@@ -175,6 +176,34 @@ def plot_guidance(rows: list[dict]) -> bytes | None:
     return png(fig)
 
 
+def plot_debias(rows: list[dict]) -> bytes | None:
+    """Conflicting-test accuracy (a biased study's `acc`) per debias entry across aligned ratios: a line per
+    (method, IPC, guidance, debias), oracle entries (attribute labels: FairDD's groups) dashed."""
+    rows = [r for r in rows if r.get("aligned_ratio") is not None and r.get("debias") is not None]
+    if len({r["debias"] for r in rows}) < 2:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(methods := sorted({r["method"] for r in rows})), squeeze=False,
+                             figsize=(5 * len(methods), 4.2), sharey=True)
+    for ax, method in zip(axes[0], methods):
+        lines: dict[tuple, list] = {}
+        for r in rows:
+            if r["method"] == method:
+                lines.setdefault((r["ipc"], r["guidance"], r["debias"], r["debias_oracle"]), []).append(r)
+        for (ipc, guidance, debias, oracle), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+            by_ratio: dict[float, list[float]] = {}  # mean over severities and architectures
+            for p in pts:
+                by_ratio.setdefault(p["aligned_ratio"], []).append(p["acc_mean"] * PERCENT)
+            xs = sorted(by_ratio)
+            label = f"ipc{ipc} {debias}" + (" (oracle)" if oracle else "") + (f" {guidance}" if guidance != "none" else "")
+            ax.plot(xs, [sum(by_ratio[x]) / len(by_ratio[x]) for x in xs], marker="o", ls="--" if oracle else "-",
+                    label=label)
+        ax.set(xlabel="aligned ratio p of the training data", title=f"{method}: debiasing")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy % (bias-conflicting)")
+    return png(fig)
+
+
 def plot_curves(store, record: dict) -> bytes | None:
     curves = []
     for key, st in record["stages"].items():
@@ -254,6 +283,7 @@ def build_report(store, record: dict, out: Path) -> dict:
     plots = {finding_plot_name(f["id"]): plot_finding(f) for f in findings}
     plots |= {"accuracy_vs_aligned_ratio.png": plot_ratio(rows), "aligned_vs_conflicting.png": plot_bias_gap(rows),
               "cross_architecture.png": plot_cross_arch(rows), "ptm_guidance.png": plot_guidance(rows),
+              "debias.png": plot_debias(rows),
               "distillation_curves.png": plot_curves(store, record)}
     plots = {name: data for name, data in plots.items() if data is not None}
     for name, data in plots.items():

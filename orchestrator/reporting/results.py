@@ -19,7 +19,7 @@ RESULT_KEYS = ("dataset", "aligned_ratio", "severity", "method", "ipc", "guidanc
 
 
 # coordinates that tell rows apart beyond RESULT_KEYS; the distillation seed is averaged over instead
-ROW_EXTRAS = ("iterations", "lr_img", "options", "eval_protocol", "selection", "val_split")
+ROW_EXTRAS = ("iterations", "lr_img", "options", "debias", "eval_protocol", "selection", "val_split")
 
 
 def evaluation_results(store: ArtifactStore, record: dict) -> list[dict]:
@@ -120,6 +120,8 @@ def _row(results: list[dict]) -> dict:
 
     row = {k: coords.get(k) for k in (*RESULT_KEYS, *ROW_EXTRAS)}
     row["reference"] = coords.get("reference")  # a baseline the study added: scores rows, is not one
+    row["debias"] = coords.get("debias", "none")  # a study distilled before debias existed: unweighted
+    row["debias_oracle"] = bool(coords.get("debias_oracle"))  # weighted with the attribute labels (FairDD)
     accs = [a for s in summaries for a in s["accs"]]
     per_distillation = [sum(s["accs"]) / len(s["accs"]) for s in summaries]
     mean = sum(accs) / len(accs)

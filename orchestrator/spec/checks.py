@@ -25,20 +25,101 @@ from pydantic import BeforeValidator, Field, ValidationError, create_model
 from distill_core.augment import SiameseAugment
 from distill_core.data.biased import DatasetConfig
 from distill_core.data.sources import SOURCES
+from distill_core.debias import DEBIAS_KINDS, DebiasKind
 from distill_core.guidance import missing_alpha
 from distill_core.methods import METHODS, EvalProtocol, Options
 from distill_core.methods.registry import evaluation_augment
 from distill_core.networks import ARCHITECTURES, check_network, unknown_options
 from orchestrator.errors import suggest
 from orchestrator.spec.base import Strict, as_list
-from orchestrator.spec.models import MAX_GRID, ArchSpec, DatasetSpec, DistillationSpec, GuidanceSpec, StudySpec
+from orchestrator.spec.models import (MAX_GRID, ArchSpec, DatasetSpec, DebiasSpec, DistillationSpec, GuidanceSpec,
+                                      StudySpec)
 from orchestrator.spec.problems import Problem, problems_from
 from orchestrator.spec.search import GUIDANCE_FIELDS, SHARED_FIELDS, Domain, applies
 
 
 def check_spec(spec: StudySpec) -> list[Problem]:
-    return [*_references(spec), *_restrictions(spec), *_options(spec), *_augmentations(spec), *_networks(spec),
-            *check_search(spec), *_holdout(spec)]
+    return [*_references(spec), *_restrictions(spec), *_options(spec), *_debias(spec), *_augmentations(spec),
+            *_networks(spec), *check_search(spec), *_holdout(spec)]
+
+
+def debias_reads_pool(kind: DebiasKind, options: Options) -> bool:
+    """Whether a debias entry reads a ptm pool: a kind scored by a PTM (lff), or an embedding taken from a
+    network (`embedding: network`, kde's option)."""
+    return kind.needs_scores or getattr(options, "embedding", None) == "network"
+
+
+def _debias_options(entry: DebiasSpec, loc: tuple, out: list[Problem]) -> Options | None:
+    """A weighted entry's options as its kind's model, or None (for `none`, or with the problems added to `out`)."""
+    if entry.kind == "none":
+        if entry.pool is not None or entry.options:
+            out.append(Problem(loc, "kind 'none' weights nothing: it takes no pool and no options"))
+        return None
+    kind = DEBIAS_KINDS[entry.kind]
+    try:
+        return kind.options(**entry.options)
+    except ValidationError as exc:
+        out += problems_from(exc, kind.options, loc, unknown="option")
+        return None
+
+
+def _debias(spec: StudySpec) -> list[Problem]:
+    """Each `distillation.debias` entry: its kind's options, the pool it reads, data it can weight (attribute
+    labels for an oracle kind), and methods of the study that take weights."""
+    d = spec.distillation
+    pools = {p.name: p for p in spec.ptm_pools}
+    datasets = {ds.name: ds for ds in spec.datasets}
+    targets = [ds for ds in spec.datasets if ds.distill]
+    out: list[Problem] = []
+    for i, pool in enumerate(spec.ptm_pools):  # a pool trained on reweighted data
+        entry, loc = pool.debias, ("ptm_pools", i, "debias")
+        kind, options = DEBIAS_KINDS[entry.kind], _debias_options(entry, loc, out)
+        if options is None:
+            continue
+        if pool.recipe == "lff":
+            out.append(Problem(loc, "recipe lff reweights its own debiased model; train it on unweighted data"))
+        elif debias_reads_pool(kind, options) or entry.pool is not None:
+            out.append(Problem(loc, f"a pool's weights read no other ptm pool (kind '{entry.kind}' with these "
+                                    "options does): use kde on pixels, or groups"))
+        elif kind.needs_attributes and pool.dataset in datasets and datasets[pool.dataset].bias == "none":
+            out.append(Problem(loc, f"kind '{entry.kind}' weights by attribute (bias) labels, but dataset "
+                                    f"'{pool.dataset}' has none (bias: none)"))
+    for i, entry in enumerate(d.debias):
+        loc = ("distillation", "debias", i)
+        kind, options = DEBIAS_KINDS[entry.kind], _debias_options(entry, loc, out)
+        if options is None:
+            continue
+        if debias_reads_pool(kind, options):
+            pool = pools.get(entry.pool or "")
+            if pool is None:
+                what = "its scores come from an lff ptm pool" if kind.needs_scores else "it embeds with a ptm pool"
+                out.append(Problem((*loc, "pool"), f"unknown ptm pool '{entry.pool}'{suggest(entry.pool or '', pools)}"
+                                   if entry.pool else f"kind '{entry.kind}' needs pool: NAME ({what})"))
+            elif kind.needs_scores and pool.recipe != "lff":
+                out.append(Problem((*loc, "pool"), f"pool '{pool.name}' trains with recipe '{pool.recipe}'; kind "
+                                                   f"'{entry.kind}' reads the scores of recipe: lff"))
+            elif pool.debias.kind != "none":
+                out.append(Problem((*loc, "pool"), f"pool '{pool.name}' trains on reweighted data itself; weights "
+                                                   "read an unweighted pool"))
+            elif kind.needs_scores and (pool.aligned_ratio is not None or pool.severity is not None
+                                        or any(t.name != pool.dataset for t in targets)):
+                out.append(Problem((*loc, "pool"), f"pool '{pool.name}' must train on each target's own variant "
+                                                   "(the target dataset, aligned_ratio and severity unset): its "
+                                                   "scores weight that variant's samples"))
+        elif entry.pool is not None:
+            out.append(Problem((*loc, "pool"), f"kind '{entry.kind}' reads no ptm pool with these options"))
+        if kind.needs_attributes:
+            for ds in targets:
+                if ds.bias == "none":
+                    out.append(Problem(loc, f"kind '{entry.kind}' weights by attribute (bias) labels, but dataset "
+                                            f"'{ds.name}' has none (bias: none)"))
+        for m in d.methods:
+            if METHODS[m].optimises_images and not METHODS[m].takes_weights:
+                takers = [n for n, r in METHODS.items() if r.takes_weights]
+                out.append(Problem(loc, f"method '{m}' takes no sample weights, so it cannot be crossed with kind "
+                                        f"'{entry.kind}' (methods that do: {', '.join(sorted(takers))}); distil it "
+                                        "in a study of its own"))
+    return out
 
 
 def _holdout(spec: StudySpec) -> list[Problem]:

@@ -20,7 +20,7 @@ METRICS = ("acc", "acc_last", "acc_val_selected", "acc_unbiased", "acc_aligned",
 
 # the coordinates a claim may name (an evaluation stage's grid coordinates)
 COORDINATES = ("dataset", "source", "aligned_ratio", "severity", "method", "ipc", "iterations", "lr_img",
-               "guidance", "options", "eval_arch", "eval_protocol", "selection", "val_split")
+               "guidance", "debias", "options", "eval_arch", "eval_protocol", "selection", "val_split")
 
 
 Expect = Literal["greater", "less", "not_less", "increasing", "decreasing"]

@@ -30,6 +30,7 @@ from pydantic import (
 from distill_core.data.biased import DatasetConfig
 from distill_core.data.colored import SEVERITY_SIGMA
 from distill_core.data.sources import SOURCES
+from distill_core.debias import DEBIAS_KINDS, DebiasConfig
 from distill_core.evaluation import EvalConfig
 from distill_core.guidance import GuidanceConfig
 from distill_core.methods import METHODS, DistillConfig
@@ -167,6 +168,49 @@ class DatasetSpec(Strict):
         return [(p, s) for p in self.aligned_ratios for s in self.severities]
 
 
+DEBIAS_FIELDS = ("kind", "pool")  # a debias entry's own fields; every other key is an option of its kind
+
+
+class DebiasSpec(Strict):
+    """One entry of the `distillation.debias` axis: a kind of `distill_core.debias`'s registry, the ptm pool it
+    reads where it reads one (kde's `embedding: network`, lff's scores) and the kind's own typed options, written
+    flat beside `kind` (`{kind: kde, bandwidth: 0.3}`) and checked against the kind's model (`spec.checks`)."""
+
+    kind: Annotated[same(DebiasConfig, "kind"), _known("debias kind", DEBIAS_KINDS)] = "none"
+    pool: str | None = None
+    options: same(DebiasConfig, "options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def flat(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"kind": value}
+        if not isinstance(value, (dict, DebiasSpec)):
+            raise ValueError(f"expected a debias kind ({', '.join(sorted(DEBIAS_KINDS))}) or a mapping "
+                             f"{{kind: NAME, ...options}}, got {value!r}")
+        if isinstance(value, dict) and "options" not in value:
+            return {**{k: v for k, v in value.items() if k in DEBIAS_FIELDS},
+                    "options": {k: v for k, v in value.items() if k not in DEBIAS_FIELDS}}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler) -> dict:
+        data = handler(self)
+        return {"kind": data["kind"], **({"pool": data["pool"]} if data["pool"] else {}), **data["options"]}
+
+    @property
+    def label(self) -> str:
+        """`none`, `kde`, `kde:erm@bandwidth=0.3`, `lff:lff-pool`, `groups`: what rows and reports name."""
+        label = self.kind + (f":{self.pool}" if self.pool else "")
+        options = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(self.options.items()))
+        return label + (f"@{options}" if options else "")
+
+    @property
+    def oracle(self) -> bool:
+        """Reads the bias attribute labels (FairDD's groups): not a method a user without them can run."""
+        return DEBIAS_KINDS[self.kind].needs_attributes
+
+
 class PTMPoolSpec(Strict):
     name: Name
     dataset: str
@@ -175,16 +219,28 @@ class PTMPoolSpec(Strict):
     severity: int | None = Field(default=None, ge=1, le=4)
     architectures: list[ArchSpec] = Field(min_length=1, max_length=MAX_GRID)
     seeds: Grid(bounded(PTMConfig, "seed")) = [0]
-    # "ptm": paper 2's recipe (150 epochs); "expert": MTT's buffer recipe (50 epochs), for trajectories
-    recipe: Literal["ptm", "expert"] = "ptm"
+    # "ptm": paper 2's recipe (150 epochs); "expert": MTT's buffer recipe (50 epochs), for trajectories;
+    # "lff": paper 2's recipe with LfF's objective (a debiased PTM, and scores for `debias: lff`; 150 epochs)
+    recipe: Literal["ptm", "expert", "lff"] = "ptm"
     epochs: bounded(PTMConfig, "epochs") | None = None  # None: the recipe's (150 / 50)
     checkpoint_epochs: same(PTMConfig, "keep_epochs")  # the checkpoints kept; None = every epoch
     lr: same(PTMConfig, "lr")
     batch_size: same(PTMConfig, "batch_size")
+    # train on debiased data: each epoch drawn by these weights (a weights stage on the pool's source variant),
+    # e.g. MTT's experts on reweighted data (Cui et al. 2024's recipe for trajectory matching); none: unweighted
+    debias: DebiasSpec = DebiasSpec()
+
+    @model_serializer(mode="wrap")
+    def _undebiased_as_before(self, handler) -> dict:
+        """An unweighted pool (`debias: none`) dumps as before debias existed, so its study keeps its id."""
+        data = handler(self)
+        if data.get("debias") == {"kind": "none"}:
+            data.pop("debias")
+        return data
 
     @property
     def train_epochs(self) -> int:
-        return self.epochs or {"ptm": 150, "expert": 50}[self.recipe]
+        return self.epochs or {"ptm": 150, "expert": 50, "lff": 150}[self.recipe]
 
     @model_validator(mode="after")
     def checkpoints_bounded(self) -> "PTMPoolSpec":
@@ -259,11 +315,22 @@ class DistillationSpec(Strict):
     # DSA strategy for methods that distil with augmentation: auto (no flip for digits), none, or a strategy
     augmentation: str = Field(default="auto", min_length=1, max_length=200)
     guidance: list[GuidanceSpec] = Field(default=[GuidanceSpec()], min_length=1, max_length=MAX_GRID)
+    # bias-aware weighting of the real samples (distill_core.debias), a grid axis like guidance: every entry
+    # crossed with every method that takes weights (`Method.takes_weights`); none is the unweighted recipe
+    debias: Grid(DebiasSpec) = [DebiasSpec()]
     trajectories: str | None = None  # a ptm pool (recipe expert) whose per-epoch checkpoints are MTT's experts
     # per-method options, each value a grid axis: {mtt: {syn_steps: [20, 30]}} (checked by the method's model)
     options: dict[MethodName, dict[str, Any]] = Field(default_factory=dict)
     log_every: same(DistillConfig, "log_every")
     search: SearchSpec | None = None  # a Ray Tune search per distillation setting (orchestrator.spec.search)
+
+    @model_serializer(mode="wrap")
+    def _undebiased_as_before(self, handler) -> dict:
+        """The default axis (`debias: [none]`) is left out, so a study without debiasing keeps its id."""
+        data = handler(self)
+        if data.get("debias") == [{"kind": "none"}]:
+            data.pop("debias")
+        return data
 
     @model_validator(mode="after")
     def history_bounded(self) -> "DistillationSpec":
@@ -327,6 +394,7 @@ class ResourcesSpec(Strict):
     executor: Literal["tasks", "actors"] = "tasks"
     dataset: StageResources = StageResources()
     ptm: StageResources = StageResources()
+    weights: StageResources = StageResources()  # debiasing weights (distill_core.debias), one per variant x entry
     distill: StageResources = StageResources()
     evaluate: StageResources = StageResources()
     search: CoordinatorResources = CoordinatorResources()

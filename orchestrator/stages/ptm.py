@@ -4,6 +4,7 @@ checkpoints its pool asks for (PTM guidance, or MTT's expert trajectories).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -25,6 +26,9 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     cfg = stage.typed_config()
     ds = load_dataset(store, stage.inputs["dataset"])
     real = RealData.from_dataset(ds, runtime.torch_device)
+    if "weights" in stage.inputs:  # a pool trained on reweighted data: epochs drawn by weight
+        weights = store.read_tensors("weights", stage.inputs["weights"], "weights.pt")["weights"]
+        real = dataclasses.replace(real, weights=weights)
     val_x, val_y = ds.val_split()
     val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device)) if len(val_y) else None
     result = train_ptm(real, cfg, val=val, runtime=runtime,
@@ -32,6 +36,8 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     flat = {f"{epoch}/{name}": t for epoch, sd in result.checkpoints.items() for name, t in sd.items()}
     last = result.history[-1]
     files = {"checkpoints.pt": tensors_to_bytes(flat), "history.json": json_bytes(result.history)}
+    if result.scores is not None:  # LfF's relative difficulty per sample of the split (debias kind lff)
+        files["scores.pt"] = tensors_to_bytes({"scores": result.scores.float().cpu()})
     metrics = {k: last[k] for k in ("train_acc", "val_acc", "train_loss") if k in last}
     # how good a teacher it is: its last kept checkpoint's accuracy on the test set (bias-conflicting if biased)
     final = build_network(cfg.arch, real.shape[0], real.num_classes, real.shape[-1], **cfg.arch_options)

@@ -49,6 +49,8 @@ def test_validate_quickstart():
     (lambda d: d["distillation"].update(ipc=[1, -10]), "distillation.ipc[1]: must be >= 1"),
     (lambda d: d["evaluation"]["architectures"].append("resnet99"), "evaluation.architectures[2].name: unknown architecture"),
     (lambda d: d["distillation"].update(methods=["dm", "gm"]), "distillation.methods[1]: unknown method 'gm'"),
+    (lambda d: d["distillation"].update(debias=["none", {"kind": "kde", "temprature": 2}]),
+     "distillation.debias[1].temprature: unknown option (did you mean 'temperature'?)"),
 ])
 def test_validate_bad_spec_exits_2_with_one_line(tmp_path, mutate, field):
     r = ddray("study", "validate", write_spec(tmp_path, mutate))
@@ -57,6 +59,16 @@ def test_validate_bad_spec_exits_2_with_one_line(tmp_path, mutate, field):
     assert len(lines) == 1, r.stderr
     assert field in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+DEBIAS = ROOT / "configs" / "biased-dd" / "debias.yaml"
+
+
+@pytest.mark.parametrize("profile", [None, "findings", "smoke"])
+def test_the_debias_config_validates_in_every_profile(profile):
+    r = ddray("study", "validate", DEBIAS, *(["--profile", profile] if profile else []))
+    assert r.returncode == 0, r.stderr
+    assert "weights" in r.stdout and "weights 0" not in r.stdout
 
 
 def test_missing_spec_and_unknown_study_exit_2(tmp_path):

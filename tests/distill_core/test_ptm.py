@@ -56,10 +56,13 @@ class EpochRecorder:
         self.epochs = []
         real_train_epoch = ptm.train_epoch
 
-        def recording(model, opt, images, labels, batch_size, generator, augment=None, tile=None, loss_fn=None):
+        def recording(model, opt, images, labels, batch_size, generator, augment=None, tile=None, loss_fn=None,
+                      weights=None):
             group = opt.param_groups[0]
-            self.epochs.append({k: group[k] for k in ("lr", "momentum", "weight_decay")} | {"augment": augment})
-            return real_train_epoch(model, opt, images, labels, batch_size, generator, augment, tile, loss_fn)
+            self.epochs.append({k: group[k] for k in ("lr", "momentum", "weight_decay")} | {"augment": augment,
+                                                                                             "weighted": weights is not None})
+            return real_train_epoch(model, opt, images, labels, batch_size, generator, augment, tile, loss_fn,
+                                    weights=weights)
 
         monkeypatch.setattr(ptm, "train_epoch", recording)
 

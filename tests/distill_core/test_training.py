@@ -122,3 +122,36 @@ def test_a_custom_loss_fn_is_what_gets_differentiated(data):
     assert calls == [16, 16, 16, 2]  # the loss function sees the tiles
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weighted_epochs_draw_samples_by_weight_and_never_a_zero_weight_one(data):
+    """Debiased experts: an epoch of n draws with replacement, in proportion to the weights."""
+    images, labels = data
+    fed = []
+
+    def spy(model, x, y):
+        fed.append(y.clone())
+        logits = model(x)
+        return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+
+    weights = (labels < 5).float() * 3.0 + (labels == 5).float()  # classes 6-9 never drawn; 0-4 three times 5's
+    model = fresh()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, 50, g, loss_fn=spy,
+                    weights=weights)
+    seen = torch.cat(fed)
+    assert len(seen) == 40 * len(labels)  # n draws per epoch
+    counts = torch.bincount(seen, minlength=10).float()
+    assert counts[6:].sum() == 0
+    ratio = counts[:5].mean() / counts[5]
+    assert 2.5 < float(ratio) < 3.6, counts  # 3x the weight, 3x the draws (2,000 draws)
+
+
+def test_unweighted_epochs_are_the_permutation_path(data):
+    a, b = fresh(), fresh()
+    sa = train_epoch(a, sgd(a), *data, 20, torch.Generator().manual_seed(1))
+    sb = train_epoch(b, sgd(b), *data, 20, torch.Generator().manual_seed(1), weights=None)
+    assert sa == sb
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)

@@ -70,6 +70,13 @@ def searching(space, **more):
     searching({"guidance.alpha": {"choice": [0.1, 1.0]}}, num_samples=2),  # only the guided settings search
     lambda d: (searching({"lr_img": {"grid": [0.1, 1.0]}})(d), d["distillation"].update(methods=["dm", "random"]),
                d["evaluation"].update(random_baseline=True)),
+    lambda d: (d["distillation"].update(methods=["dm", "random", "whole"], debias=["none", "kde", "groups"]),
+               d["evaluation"].update(random_baseline=True)),  # baselines take no weights: not crossed
+    lambda d: (d["ptm_pools"].append({"name": "lffp", "dataset": "d", "architectures": ["convnet"], "recipe": "lff",
+                                      "epochs": 2}),
+               d["distillation"].update(debias=[{"kind": "lff", "pool": "lffp"},
+                                                {"kind": "kde", "embedding": "network", "pool": "p"}],
+                                        guidance=["none"])),  # pools read only by weights stages
 ])
 def test_the_count_is_the_graphs_per_kind(mutate):
     assert_exact(spec_of(mutate))

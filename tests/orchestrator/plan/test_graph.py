@@ -23,7 +23,8 @@ def test_grid_expands_to_the_expected_stage_counts():
     g = graph_of()
     # 2 variants; pool matched per variant: 1 arch x 2 seeds x 2 variants
     # distill: 2 variants x 1 method x 2 ipc x 2 guidance; evaluate: 8 x 2 archs
-    assert g.counts() == {"dataset": 2, "ptm": 4, "distill": 8, "search": 0, "external": 0, "evaluate": 16}
+    assert g.counts() == {"dataset": 2, "ptm": 4, "weights": 0, "distill": 8, "search": 0, "external": 0,
+                          "evaluate": 16}
 
 
 def test_graph_is_topologically_ordered_and_inputs_exist():

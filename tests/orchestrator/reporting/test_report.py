@@ -11,7 +11,7 @@ import pytest
 from orchestrator.execution.executors import InlineExecutor
 from orchestrator.execution.submit import submit_study
 from orchestrator.reporting.compare import KEYS, compare_rows
-from orchestrator.reporting.report import build_report, flat_table, paper_tables
+from orchestrator.reporting.report import build_report, flat_table, paper_tables, plot_debias
 from orchestrator.spec.loading import parse_spec
 from orchestrator.storage.local import ArtifactStore
 from orchestrator.storage.studies import load_record
@@ -99,6 +99,22 @@ def test_paper_and_flat_tables_on_hand_made_rows():
     flat = flat_table(rows)
     assert "acc_random" not in flat["header"]  # a column no row has is left out
     assert flat["body"][1][flat["header"].index("acc_mean")] == "0.7500"
+
+
+def test_debias_kinds_are_columns_and_get_their_plot_oracle_marked():
+    def row(debias, ratio, acc):
+        return {"dataset": "d", "eval_arch": "convnet", "method": "dm", "ipc": 10, "aligned_ratio": ratio,
+                "severity": 4, "guidance": "none", "debias": debias, "debias_oracle": debias == "groups",
+                "acc_mean": acc, "acc_std": 0.0, "acc_random": None}
+    rows = [row(d, p, a) for d, base in (("none", 0.2), ("kde", 0.5), ("groups", 0.6)) for p, a in
+            ((0.95, base + 0.1), (0.99, base))]
+    (t,) = paper_tables(rows)
+    assert "aligned_ratio=0.99, debias=kde" in t["header"] and t["body"][0][t["header"].index(
+        "aligned_ratio=0.99, debias=kde")] == "50.0 ± 0.0"
+    assert "debias_oracle" in flat_table(rows)["header"]
+    image = plot_debias(rows)
+    assert image is not None and image.startswith(b"\x89PNG")
+    assert plot_debias([r for r in rows if r["debias"] == "none"]) is None  # one kind: nothing to compare
 
 
 # --- compare_rows --------------------------------------------------------------------------------
