@@ -9,6 +9,7 @@ the listed artifacts to MLflow, so workers never talk to the tracking server.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -97,6 +98,27 @@ def load_checkpoints(store: ArtifactStore, key: str) -> dict[int, dict[str, torc
     return out
 
 
+def load_ptm_network(store: ArtifactStore, key: str, real: RealData, epoch: int | None = None,
+                     checkpoints: dict | None = None) -> torch.nn.Module:
+    """A stored PTM's network at `epoch` (None: its last kept checkpoint), built for `real`'s images, on its
+    device; a cross-domain PTM keeps its own classes."""
+    cfg = store.read_json("ptm", key, RESULT)["config"]
+    checkpoints = checkpoints if checkpoints is not None else load_checkpoints(store, key)
+    state = checkpoints[max(checkpoints) if epoch is None else epoch]
+    model = build_network(cfg["arch"], real.shape[0], state["classifier.weight"].shape[0], real.shape[-1],
+                          **cfg["arch_options"])
+    model.load_state_dict(state)
+    return model.to(real.device)
+
+
+def with_stored_weights(store: ArtifactStore, stage: Stage, real: RealData) -> RealData:
+    """`real` carrying the debiasing weights of the stage's `weights` input (a weights stage), if it has one."""
+    if "weights" not in stage.inputs:
+        return real
+    weights = store.read_tensors("weights", stage.inputs["weights"], "weights.pt")["weights"]
+    return dataclasses.replace(real, weights=weights)  # checked against the split, moved to its device
+
+
 def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: GuidanceConfig | None,
                    seed: int) -> PTMGuidance | None:
     """The frozen PTM pool a distillation samples from: the chosen checkpoints of every input PTM."""
@@ -104,14 +126,10 @@ def build_guidance(store: ArtifactStore, stage: Stage, real: RealData, g: Guidan
         return None
     pool = PTMPool()
     for key in stage.inputs["ptms"]:
-        ptm = store.read_json("ptm", key, RESULT)
-        cfg = ptm["config"]
+        arch = store.read_json("ptm", key, RESULT)["coords"]["arch"]
         checkpoints = load_checkpoints(store, key)
         for epoch in g.checkpoint_epochs or [max(checkpoints)]:
-            ptm_classes = checkpoints[epoch]["classifier.weight"].shape[0]  # a cross-domain PTM has its own classes
-            model = build_network(cfg["arch"], real.shape[0], ptm_classes, real.shape[-1], **cfg["arch_options"])
-            model.load_state_dict(checkpoints[epoch])
-            pool.add(ptm["coords"]["arch"], model.to(real.device))
+            pool.add(arch, load_ptm_network(store, key, real, epoch, checkpoints))
     return PTMGuidance(g, pool, real=real if g.kind == "cclom" else None, seed=seed)
 
 

@@ -4,7 +4,6 @@ trajectories), the synthetic set and its history stored.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from orchestrator.stages.common import (
     load_dataset,
     png_bytes,
     synthetic_grid,
+    with_stored_weights,
 )
 from orchestrator.storage.files import tensors_to_bytes
 from orchestrator.storage.local import ArtifactStore
@@ -34,9 +34,7 @@ def run_distill(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     cfg = stage.typed_config()
     ds = load_dataset(store, stage.inputs["dataset"])
     real = RealData.from_dataset(ds, runtime.torch_device)
-    if "weights" in stage.inputs:  # debiasing weights (a weights stage): where the recipe forms real statistics
-        weights = store.read_tensors("weights", stage.inputs["weights"], "weights.pt")["weights"]
-        real = dataclasses.replace(real, weights=weights)  # checked against the split, moved to its device
+    real = with_stored_weights(store, stage, real)  # debiasing weights: where the recipe forms real statistics
     experts = [load_checkpoints(store, k) for k in stage.inputs.get("experts", [])]
     syn = get_method(cfg.method).distill(
         real, cfg, runtime, guidance=build_guidance(store, stage, real, cfg.guidance, cfg.seed), experts=experts or None,

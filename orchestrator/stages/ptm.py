@@ -4,7 +4,6 @@ checkpoints its pool asks for (PTM guidance, or MTT's expert trajectories).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -16,7 +15,7 @@ from distill_core.networks import build_network
 from distill_core.ptm import PTMConfig, accuracy, train_ptm
 from distill_core.runtime import Runtime
 from orchestrator.stages.base import Stage, StageKind, register
-from orchestrator.stages.common import finish_stage, format_record, json_bytes, load_dataset
+from orchestrator.stages.common import finish_stage, format_record, json_bytes, load_dataset, with_stored_weights
 from orchestrator.storage.files import tensors_to_bytes
 from orchestrator.storage.local import ArtifactStore
 
@@ -26,9 +25,7 @@ def run_ptm(stage: Stage, store: ArtifactStore, runtime: Runtime) -> dict:
     cfg = stage.typed_config()
     ds = load_dataset(store, stage.inputs["dataset"])
     real = RealData.from_dataset(ds, runtime.torch_device)
-    if "weights" in stage.inputs:  # a pool trained on reweighted data: epochs drawn by weight
-        weights = store.read_tensors("weights", stage.inputs["weights"], "weights.pt")["weights"]
-        real = dataclasses.replace(real, weights=weights)
+    real = with_stored_weights(store, stage, real)  # a pool trained on reweighted data: epochs drawn by weight
     val_x, val_y = ds.val_split()
     val = (real.norm.apply(val_x).to(real.device), val_y.to(real.device)) if len(val_y) else None
     result = train_ptm(real, cfg, val=val, runtime=runtime,

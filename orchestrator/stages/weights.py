@@ -25,10 +25,9 @@ from distill_core.data.bias import aligned_mask
 from distill_core.data.biased import NUM_ATTRIBUTES
 from distill_core.debias import DebiasConfig, distillation_attributes, get_debias, weight_summary
 from distill_core.methods import RealData
-from distill_core.networks import build_network
 from distill_core.runtime import Runtime
 from orchestrator.stages.base import Stage, StageKind, register
-from orchestrator.stages.common import RESULT, finish_stage, load_checkpoints, load_dataset
+from orchestrator.stages.common import finish_stage, load_dataset, load_ptm_network
 from orchestrator.stages.figures import png, pyplot
 from orchestrator.storage.files import tensors_to_bytes
 from orchestrator.storage.local import ArtifactStore
@@ -71,15 +70,7 @@ def pool_scores(store: ArtifactStore, ptms: list[str], n: int) -> torch.Tensor:
 
 def pool_embedding(store: ArtifactStore, ptms: list[str], real: RealData):
     """images -> the pool's final-checkpoint embeddings side by side (each network's penultimate features)."""
-    models = []
-    for key in ptms:
-        cfg = store.read_json("ptm", key, RESULT)["config"]
-        checkpoints = load_checkpoints(store, key)
-        last = checkpoints[max(checkpoints)]
-        model = build_network(cfg["arch"], real.shape[0], last["classifier.weight"].shape[0], real.shape[-1],
-                              **cfg["arch_options"])
-        model.load_state_dict(last)
-        models.append(model.to(real.device).eval())
+    models = [load_ptm_network(store, key, real).eval() for key in ptms]
     return lambda x: torch.cat([m.embed(x).flatten(1) for m in models], dim=1)
 
 
